@@ -1,0 +1,44 @@
+"""A deterministic fake model behind the real runner contract.
+
+Its "KV cache" holds token ids at the slots the scheduler assigns, and its logits come from a hash
+of the context it reads back through the block table. So a wrong slot mapping, block table or
+prefix-cache hit changes the output, and the mock checks the engine as a real model would.
+"""
+from __future__ import annotations
+
+import numpy as np
+import xxhash
+
+from backends.sampler import sample
+from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.runner import StepBatch, StepOutput
+
+MOCK_MAX_MODEL_LEN = 2048
+LOGIT_SCALE = 4.0
+
+
+def mock_logits(context: np.ndarray, vocab_size: int) -> np.ndarray:
+    seed = xxhash.xxh3_64_intdigest(np.ascontiguousarray(context, dtype=np.int32).tobytes())
+    return (np.random.default_rng(seed).standard_normal(vocab_size) * LOGIT_SCALE).astype(np.float32)
+
+
+class MockRunner:
+    def __init__(self, config: EngineConfig, vocab_size: int):
+        config.finalize(model_max_len=config.max_model_len or MOCK_MAX_MODEL_LEN)
+        self.block_size = config.kvcache_block_size
+        self.vocab_size = vocab_size
+        self.num_kvcache_blocks = config.num_kvcache_blocks or config.max_num_seqs * config.max_blocks_per_seq
+        self.token_cache = np.full(self.num_kvcache_blocks * self.block_size, -1, dtype=np.int32)
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        self.token_cache[batch.slot_mapping] = batch.input_ids
+        contexts = [self._context(batch.block_tables[s], int(batch.context_lens[s])) for s in range(batch.num_seqs)]
+        logits = np.stack([mock_logits(c, self.vocab_size) for c in contexts])
+        return sample(logits, batch.sampling, batch.context_lens, contexts)
+
+    def _context(self, block_table: np.ndarray, context_len: int) -> np.ndarray:
+        positions = np.arange(context_len)
+        slots = block_table[positions // self.block_size] * self.block_size + positions % self.block_size
+        context = self.token_cache[slots]
+        assert (context >= 0).all(), "context reads a slot that was never written"
+        return context

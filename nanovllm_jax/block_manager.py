@@ -1,0 +1,133 @@
+"""Paged KV-cache bookkeeping with prefix caching (vLLM V1 style).
+
+Full blocks are keyed by a chained xxhash of their tokens and checked against the stored token ids.
+A block whose reference count drops to zero joins the free queue but keeps its hash, so it stays a
+cache hit until the queue hands it out again (least recently freed first).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import xxhash
+
+from nanovllm_jax.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] | None = None
+
+
+def chain_hash(prev_hash: int | None, token_ids: list[int]) -> int:
+    h = xxhash.xxh3_64()
+    if prev_hash is not None:
+        h.update(prev_hash.to_bytes(8, "little"))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.intdigest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks for the seq's leading full blocks; the last token is always left to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        prev = None
+        for i in range((len(seq) - 1) // self.block_size):
+            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            prev = chain_hash(prev, tokens)
+            block_id = self.hash_to_block.get(prev)
+            if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_admit(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> bool:
+        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        fresh = self.blocks_needed(len(cached) * self.block_size + num_new_tokens) - len(cached)
+        return revived + fresh <= self.num_free_blocks
+
+    def admit(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> None:
+        """Give a waiting seq its cached prefix blocks plus room for its first `num_new_tokens`."""
+        assert not seq.block_table
+        for block_id in cached:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_queue[block_id]
+            block.ref_count += 1
+        seq.block_table = list(cached)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_size
+        if self.enable_prefix_caching:
+            self.prefix_query_tokens += len(seq)
+            self.prefix_hit_tokens += seq.num_cached_tokens
+        self.append_blocks(seq, num_new_tokens)
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        return needed <= self.num_free_blocks
+
+    def append_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        for _ in range(needed):
+            seq.block_table.append(self._take_free_block())
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the hashes of blocks that became full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        hashes = seq.block_hashes
+        for i in range(len(hashes), seq.num_computed_tokens // bs):
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            h = chain_hash(hashes[-1] if hashes else None, tokens)
+            hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                block.hash, block.token_ids = h, tuple(tokens)
+                self.hash_to_block.setdefault(h, block.block_id)
+
+    def free(self, seq: Sequence) -> None:
+        # Tail blocks go first into the queue, so they are evicted before the shared prefix.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+        seq.block_table = []
+        seq.block_hashes = []
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]
+        block.hash = block.token_ids = None
+        block.ref_count = 1
+        return block_id

@@ -1,0 +1,76 @@
+"""Engine configuration: every engine kwarg of `LLM(...)`, validated in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    backend: str = "jax"
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's limit (capped at 4096), or 2048 for the mock
+    kvcache_block_size: int = 16
+    num_kvcache_blocks: int | None = None  # None: as many as the runner's memory budget holds
+    kv_cache_memory_bytes: int | None = None  # CPU byte budget for the KV cache
+    gpu_memory_utilization: float = 0.9  # fraction of accelerator memory for weights + KV cache
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
+    seed: int = 0
+    compilation_cache_dir: str | None = None  # None: ~/.cache/nanovllm_jax/xla
+
+    BACKENDS = ("jax", "onnx", "mock")
+
+    @classmethod
+    def from_kwargs(cls, model: str | None, backend: str, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        config = cls(model=model, backend=backend, **kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.backend not in self.BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(self.BACKENDS)}")
+        _require_int("max_num_seqs", self.max_num_seqs, 1)
+        _require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if self.max_model_len is not None:
+            _require_int("max_model_len", self.max_model_len, 1)
+        bs = self.kvcache_block_size
+        if not isinstance(bs, int) or bs < 8 or bs & (bs - 1):
+            raise ValueError(f"kvcache_block_size must be a power of two >= 8, got {bs!r}")
+        if self.num_kvcache_blocks is not None:
+            _require_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
+        if self.kv_cache_memory_bytes is not None:
+            _require_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        _require_int("seed", self.seed, 0)
+
+    def finalize(self, model_max_len: int) -> None:
+        """Settle the fields that depend on the model, once the runner knows it."""
+        if self.max_model_len is None:
+            self.max_model_len = min(model_max_len, 4096)
+        elif self.max_model_len > model_max_len:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's limit of {model_max_len}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
+                f">= max_model_len ({self.max_model_len}) so that every prompt fits in one step"
+            )
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        assert self.max_model_len is not None
+        return -(-self.max_model_len // self.kvcache_block_size)
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from nanovllm_jax.tokenizer import Tokenizer
+
+
+class IncrementalDetokenizer:
+    """Decodes a growing token list into text without ever splitting a multi-byte character.
+
+    Re-decodes only a short window: the tokens since `prefix_offset` give the context a tokenizer
+    needs (leading spaces, byte fallback) and text is emitted only once it has no trailing U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.tokens = list(prompt_token_ids)
+        self.prefix_offset = max(len(self.tokens) - 6, 0)
+        self.read_offset = len(self.tokens)
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.tokens.append(token_id)
+        prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+        full_text = self.tokenizer.decode(self.tokens[self.prefix_offset :])
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""
+        new_text = full_text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        self.text += new_text
+        return new_text
+
+    def flush(self) -> str:
+        """At the end, emit whatever is left (an incomplete character decodes as U+FFFD)."""
+        rest = self.tokenizer.decode(self.tokens[self.prefix_offset :])[
+            len(self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])) :
+        ]
+        self.read_offset = len(self.tokens)
+        self.text += rest
+        return rest

@@ -1,0 +1,98 @@
+"""The user-facing API: `LLM(model, backend=...).generate(prompts, params)` and `.stream(...)`."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.llm_engine import LLMEngine, Prompt
+from nanovllm_jax.outputs import RequestOutput, StreamDelta
+from nanovllm_jax.sampling_params import SamplingParams
+
+ParamsArg = SamplingParams | Sequence[SamplingParams] | None
+
+
+class LLM:
+    def __init__(self, model: str | None = None, backend: str = "jax", **engine_kwargs):
+        self.config = EngineConfig.from_kwargs(model, backend, **engine_kwargs)
+        self.engine = LLMEngine(self.config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: ParamsArg = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order."""
+        prompts = _as_list(prompts)
+        ids = self._add_all(prompts, sampling_params)
+        outputs: dict[int, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        try:
+            while len(outputs) < len(ids):
+                for delta in self.engine.step():
+                    if delta.finished:
+                        outputs[delta.request_id] = self.engine.release(delta.request_id)
+                        bar.update(1)
+                stats = self.engine.last_step
+                if stats["seconds"] > 0:
+                    if stats["prefill_tokens"]:
+                        prefill_tps = stats["prefill_tokens"] / stats["seconds"]
+                    elif stats["decode_tokens"]:
+                        decode_tps = stats["decode_tokens"] / stats["seconds"]
+                    bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
+        finally:
+            bar.close()
+            self._abort_unfinished(ids, outputs)
+        return [outputs[i] for i in ids]
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], sampling_params: ParamsArg = None) -> Iterator[StreamDelta]:
+        """Yield each request's new tokens and text as they are produced; `index` is the prompt's position."""
+        prompts = _as_list(prompts)
+        ids = self._add_all(prompts, sampling_params)
+        index_of = {request_id: index for index, request_id in enumerate(ids)}
+        done: dict[int, RequestOutput] = {}
+        try:
+            while len(done) < len(ids):
+                for delta in self.engine.step():
+                    if delta.finished:
+                        done[delta.request_id] = self.engine.release(delta.request_id)
+                    if delta.token_ids or delta.text or delta.finished:
+                        yield dataclasses.replace(delta, index=index_of[delta.request_id])
+        finally:
+            self._abort_unfinished(ids, done)
+
+    def _add_all(self, prompts: list[Prompt], sampling_params: ParamsArg) -> list[int]:
+        params = _per_prompt(sampling_params, len(prompts))
+        for prompt, p in zip(prompts, params):  # validate all first: a bad prompt adds nothing
+            self.engine.validate(prompt, p)
+        return [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+
+    def _abort_unfinished(self, ids: list[int], finished: dict) -> None:
+        for request_id in ids:
+            if request_id not in finished and request_id in self.engine.requests:
+                self.engine.abort(request_id)
+                self.engine.release(request_id)
+
+
+def _as_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    return prompts
+
+
+def _per_prompt(sampling_params: ParamsArg, n: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    params = list(sampling_params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return params

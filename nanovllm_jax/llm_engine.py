@@ -1,0 +1,313 @@
+"""The engine loop: add requests, schedule a step, run it on the backend, apply stop rules."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from nanovllm_jax.block_manager import BlockManager
+from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.detokenizer import IncrementalDetokenizer
+from nanovllm_jax.outputs import Logprob, RequestOutput, StreamDelta
+from nanovllm_jax.runner import ModelRunner, SamplingBatch, StepBatch
+from nanovllm_jax.sampling_params import SamplingParams
+from nanovllm_jax.scheduler import ScheduledBatch, Scheduler
+from nanovllm_jax.sequence import Sequence
+from nanovllm_jax.tokenizer import Tokenizer, load_tokenizer
+
+Prompt = str | list[int]
+
+
+def create_backend(config: EngineConfig) -> tuple[ModelRunner, Tokenizer]:
+    if config.backend == "mock":
+        from backends.mock import MockRunner, simple_bpe_tokenizer
+
+        tokenizer = load_tokenizer(_model_dir(config)) if config.model is not None else simple_bpe_tokenizer()
+        return MockRunner(config, tokenizer.vocab_size), tokenizer
+    model_dir = _model_dir(config)
+    config.model = str(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if config.backend == "jax":
+        from nanovllm_jax.jax_runner import JaxRunner
+
+        return JaxRunner(config), tokenizer
+    from backends.onnx import OnnxRunner
+
+    return OnnxRunner(config), tokenizer
+
+
+def _model_dir(config: EngineConfig) -> Path:
+    try:
+        from nanovllm_jax.default_model import resolve_model
+    except ImportError:  # GGUF support not installed: plain HF dirs only
+        resolve_model = None
+    if resolve_model is not None:
+        return resolve_model(config.model)
+    if config.model is None:
+        raise ValueError("no model given: pass the path of an HF model dir")
+    path = Path(config.model)
+    if not path.is_dir():
+        raise ValueError(f"model path {config.model!r} is not a directory")
+    return path
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[Logprob] | None
+    max_stop_len: int
+    text_end: int | None = None  # set when a stop string cut the text
+    searched: int = 0  # text length already searched for stop strings
+    emitted: int = 0  # text length already streamed
+    emitted_tokens: int = 0
+    banned_ids: list[int] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text[: self.text_end]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.runner, self.tokenizer = create_backend(config)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        self.block_manager = BlockManager(
+            self.runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self.last_step = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def validate(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """Check one request without touching engine state; returns its prompt token ids."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            token_ids = [int(t) for t in prompt]
+            vocab = self.runner.vocab_size
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        else:
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        max_len = self.config.max_model_len
+        if len(token_ids) + params.max_tokens > max_len:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len ({max_len})"
+            )
+        needed = self.block_manager.blocks_needed(len(token_ids) + params.max_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request needs {needed} KV blocks but the cache holds {self.block_manager.num_blocks}; "
+                "raise num_kvcache_blocks or lower max_tokens"
+            )
+        bad_stop = [t for t in params.stop_token_ids if t >= self.runner.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids must be < vocab size {self.runner.vocab_size}, got {bad_stop}")
+        return token_ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        params = params if params is not None else SamplingParams()
+        token_ids = self.validate(prompt, params)
+        request_id = next(self._ids)
+        seed = params.seed if params.seed is not None else xxhash.xxh32_intdigest(
+            f"{self.config.seed}:{request_id}".encode()
+        )
+        seq = Sequence(request_id, token_ids, params, seed)
+        banned = [] if params.min_tokens == 0 else sorted(
+            set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        )
+        self.requests[request_id] = _Request(
+            seq=seq,
+            prompt=prompt if isinstance(prompt, str) else None,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids),
+            logprobs=[] if params.logprobs is not None else None,
+            max_stop_len=max((len(s) for s in params.stop), default=0),
+            banned_ids=banned,
+        )
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        request = self.requests.get(request_id)
+        if request is not None and not request.seq.is_finished:
+            self.scheduler.finish(request.seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_output(self, request_id: int) -> RequestOutput:
+        request = self.requests[request_id]
+        seq = request.seq
+        return RequestOutput(
+            request_id=request_id,
+            prompt=request.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids,
+            text=request.text,
+            finish_reason=seq.finish_reason,
+            logprobs=request.logprobs,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+
+    def release(self, request_id: int) -> RequestOutput:
+        """The finished request's output; the engine forgets it."""
+        output = self.get_output(request_id)
+        assert output.finished, f"request {request_id} is still running"
+        del self.requests[request_id]
+        return output
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[StreamDelta]:
+        """Run one scheduled step; returns what each request that progressed gained."""
+        start = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        decode_tokens = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens)
+        deltas: list[StreamDelta] = []
+        if scheduled:
+            batch = self._build_batch(scheduled)
+            output = self.runner.execute(batch)
+            self.scheduler.mark_computed(scheduled)
+            for row, (seq, _) in enumerate(scheduled):
+                if batch.needs_sample[row]:
+                    deltas.append(self._append_token(self.requests[seq.seq_id], row, output))
+        self.last_step = {
+            "prefill_tokens": sum(n for _, n in scheduled) - decode_tokens,
+            "decode_tokens": decode_tokens,
+            "seconds": time.perf_counter() - start,
+        }
+        return deltas
+
+    def _build_batch(self, scheduled: ScheduledBatch) -> StepBatch:
+        bs = self.config.kvcache_block_size
+        num_seqs = len(scheduled)
+        input_ids, positions, slots = [], [], []
+        query_start = np.zeros(num_seqs + 1, dtype=np.int32)
+        context_lens = np.zeros(num_seqs, dtype=np.int32)
+        block_tables = np.full((num_seqs, self.config.max_blocks_per_seq), -1, dtype=np.int32)
+        needs_sample = np.zeros(num_seqs, dtype=bool)
+        for row, (seq, num_new) in enumerate(scheduled):
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + num_new, dtype=np.int32)
+            table = np.asarray(seq.block_table, dtype=np.int32)
+            block_tables[row, : len(table)] = table
+            input_ids.append(np.asarray(seq.token_ids[start : start + num_new], dtype=np.int32))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            query_start[row + 1] = query_start[row] + num_new
+            context_lens[row] = start + num_new
+            needs_sample[row] = start + num_new == len(seq)
+        return StepBatch(
+            input_ids=np.concatenate(input_ids),
+            positions=np.concatenate(positions),
+            slot_mapping=np.concatenate(slots).astype(np.int32),
+            query_start=query_start,
+            context_lens=context_lens,
+            block_tables=block_tables,
+            logits_indices=query_start[1:] - 1,
+            needs_sample=needs_sample,
+            sampling=self._sampling_batch(scheduled),
+        )
+
+    def _sampling_batch(self, scheduled: ScheduledBatch) -> SamplingBatch:
+        seqs = [seq for seq, _ in scheduled]
+        params = [seq.params for seq in seqs]
+        banned_rows = [
+            self.requests[seq.seq_id].banned_ids if seq.num_output_tokens < seq.params.min_tokens else []
+            for seq in seqs
+        ]
+        banned = np.full((len(seqs), max(1, max(map(len, banned_rows)))), -1, dtype=np.int32)
+        for row, ids in enumerate(banned_rows):
+            banned[row, : len(ids)] = ids
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        return SamplingBatch(
+            temperature=np.array([p.temperature for p in params], dtype=np.float32),
+            top_k=np.array([max(p.top_k, 0) for p in params], dtype=np.int32),
+            top_p=np.array([p.top_p for p in params], dtype=np.float32),
+            min_p=np.array([p.min_p for p in params], dtype=np.float32),
+            seeds=np.array([seq.seed for seq in seqs], dtype=np.uint32),
+            repetition_penalty=np.array([p.repetition_penalty for p in params], dtype=np.float32),
+            presence_penalty=np.array([p.presence_penalty for p in params], dtype=np.float32),
+            frequency_penalty=np.array([p.frequency_penalty for p in params], dtype=np.float32),
+            prompt_lens=np.array([seq.num_prompt_tokens for seq in seqs], dtype=np.int32),
+            banned_token_ids=banned,
+            # logprobs=0 still wants the sampled token's logprob, so ask for at least one
+            num_logprobs=max(max(wanted), 1) if wanted else 0,
+        )
+
+    def _append_token(self, request: _Request, row: int, output) -> StreamDelta:
+        seq = request.seq
+        token = int(output.token_ids[row])
+        seq.token_ids.append(token)
+        if request.logprobs is not None:
+            n = seq.params.logprobs
+            top = dict(zip(output.top_token_ids[row, :n].tolist(), output.top_logprobs[row, :n].tolist()))
+            request.logprobs.append(Logprob(token, float(output.logprobs[row]), top))
+        # As in vLLM, a token that stops the request by id (EOS, stop_token_ids) adds no text.
+        reason = self._stop_token_reason(seq, token)
+        if reason is None:
+            request.detokenizer.add(token)
+            reason = self._stop_text_or_length_reason(request)
+        if reason is not None:
+            if request.text_end is None:
+                request.detokenizer.flush()
+            self.scheduler.finish(seq, reason)
+        return self._take_delta(request)
+
+    def _stop_token_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if seq.num_output_tokens < params.min_tokens:
+            return None
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return "stop"
+        return None
+
+    def _stop_text_or_length_reason(self, request: _Request) -> str | None:
+        seq, params = request.seq, request.seq.params
+        if params.stop and seq.num_output_tokens >= params.min_tokens and self._find_stop_string(request):
+            return "stop"
+        request.searched = len(request.detokenizer.text)
+        if seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        return None
+
+    def _find_stop_string(self, request: _Request) -> bool:
+        text = request.detokenizer.text
+        # Text already streamed is never taken back, so a stop string can only start after it.
+        start = max(request.emitted, request.searched - request.max_stop_len + 1)
+        hits = [k for k in (text.find(s, start) for s in request.seq.params.stop) if k >= 0]
+        if hits:
+            request.text_end = min(hits)
+        return bool(hits)
+
+    def _take_delta(self, request: _Request) -> StreamDelta:
+        seq = request.seq
+        text = request.text
+        # Hold back text that may yet turn out to start a stop string.
+        end = len(text) if seq.is_finished else max(len(text) - max(request.max_stop_len - 1, 0), request.emitted)
+        delta = StreamDelta(
+            index=seq.seq_id,
+            request_id=seq.seq_id,
+            token_ids=seq.output_token_ids[request.emitted_tokens :],
+            text=text[request.emitted : end],
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+        )
+        request.emitted, request.emitted_tokens = end, seq.num_output_tokens
+        return delta

@@ -1,0 +1,77 @@
+"""The seam between the host scheduler and a backend: one step in as numpy arrays, tokens out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-sequence sampling parameters, one row per scheduled sequence."""
+
+    temperature: np.ndarray  # f32[S]; 0 means greedy
+    top_k: np.ndarray  # i32[S]; 0 means off
+    top_p: np.ndarray  # f32[S]; 1 means off
+    min_p: np.ndarray  # f32[S]; 0 means off
+    seeds: np.ndarray  # u32[S]; the RNG key is (seed, context_len), so a row samples alike in any batch
+    repetition_penalty: np.ndarray  # f32[S]; over prompt and output tokens
+    presence_penalty: np.ndarray  # f32[S]; over output tokens
+    frequency_penalty: np.ndarray  # f32[S]; over output tokens
+    prompt_lens: np.ndarray  # i32[S]; context tokens past this are outputs (for the penalties)
+    banned_token_ids: np.ndarray  # i32[S, K]; -1 padded; stop ids masked while below min_tokens
+    num_logprobs: int  # top-N logprobs to return (max over rows); 0: no row wants logprobs at all
+
+    @property
+    def needs_penalties(self) -> bool:
+        return bool(
+            np.any(self.repetition_penalty != 1.0)
+            or np.any(self.presence_penalty != 0.0)
+            or np.any(self.frequency_penalty != 0.0)
+        )
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One scheduled step. T new tokens over S sequences; every sequence gets one logits row.
+
+    The runner writes each new token's K/V (and token id) at `slot_mapping`, attends over the
+    sequence's paged context through `block_tables`, and samples rows where `needs_sample` is set
+    (a partial prefill chunk has nothing to sample yet).
+    """
+
+    input_ids: np.ndarray  # i32[T]
+    positions: np.ndarray  # i32[T]
+    slot_mapping: np.ndarray  # i32[T]; block_id * block_size + offset
+    query_start: np.ndarray  # i32[S+1]; sequence s owns tokens query_start[s]:query_start[s+1]
+    context_lens: np.ndarray  # i32[S]; tokens in cache for s once this step has written
+    block_tables: np.ndarray  # i32[S, max_blocks_per_seq]; -1 padded
+    logits_indices: np.ndarray  # i32[S]; flat index of each sequence's last new token
+    needs_sample: np.ndarray  # bool[S]
+    sampling: SamplingBatch
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_lens.shape[0])
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    token_ids: np.ndarray  # i32[S]; meaningful where needs_sample
+    logprobs: np.ndarray | None = None  # f32[S]; the sampled token's logprob
+    top_token_ids: np.ndarray | None = None  # i32[S, N]
+    top_logprobs: np.ndarray | None = None  # f32[S, N]
+
+
+class ModelRunner(Protocol):
+    """What a backend implements. It owns the KV cache; the block manager owns who uses which block."""
+
+    num_kvcache_blocks: int
+    vocab_size: int
+
+    def execute(self, batch: StepBatch) -> StepOutput: ...

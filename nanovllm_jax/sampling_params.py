@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 64
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check_float("temperature", self.temperature, 0.0, math.inf, "[0, inf)")
+        _check_int("top_k", self.top_k, -1, "-1 (off) or >= 1")
+        if self.top_k == 0:
+            raise ValueError("top_k must be -1 (off) or >= 1, got 0")
+        _check_float("top_p", self.top_p, 0.0, 1.0, "(0, 1]")
+        if self.top_p == 0.0:
+            raise ValueError("top_p must be in (0, 1], got 0.0")
+        _check_float("min_p", self.min_p, 0.0, 1.0, "[0, 1]")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, "None or an integer in [0, 2**32)")
+            if self.seed >= 2**32:
+                raise ValueError(f"seed must be None or an integer in [0, 2**32), got {self.seed}")
+        _check_int("max_tokens", self.max_tokens, 1, ">= 1")
+        _check_int("min_tokens", self.min_tokens, 0, ">= 0")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, "None or an integer in [0, 20]")
+            if self.logprobs > 20:
+                raise ValueError(f"logprobs must be None or an integer in [0, 20], got {self.logprobs}")
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf, "(0, inf)")
+        if self.repetition_penalty == 0.0:
+            raise ValueError("repetition_penalty must be in (0, inf), got 0.0")
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0, "[-2, 2]")
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "[-2, 2]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_float(name: str, value, low: float, high: float, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value, low: int, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")

@@ -1,0 +1,88 @@
+"""The tokenizer protocol and its one implementation over HF `tokenizers` (SimpleBPE included)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Protocol
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class Tokenizer(Protocol):
+    eos_token_ids: list[int]
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` behind the protocol; EOS ids come from the model's configs."""
+
+    def __init__(self, tokenizer: _HFTokenizer, eos_token_ids: list[int], bos_token_id: int | None = None,
+                 chat_template: str | None = None, skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.eos_token_ids = sorted(set(eos_token_ids))
+        self.bos_token_id = bos_token_id
+        self.chat_template = chat_template
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool | None = None) -> str:
+        skip = self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        from transformers.utils.chat_template_utils import render_jinja_template  # lazy: heavy import
+
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
+            bos_token=self._tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else "",
+        )
+        return rendered[0]
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> HFTokenizer:
+    """Load `tokenizer.json` from an HF model dir (falling back to transformers for other formats)."""
+    model_dir = Path(model_dir)
+    tok_file = model_dir / "tokenizer.json"
+    if tok_file.exists():
+        tok = _HFTokenizer.from_file(str(tok_file))
+    else:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)._tokenizer
+        except Exception as e:  # noqa: BLE001 - any failure means no usable tokenizer here
+            raise ValueError(f"no usable tokenizer in {model_dir}: {e}") from e
+    eos, bos, template = _special_ids(model_dir, tok)
+    return HFTokenizer(tok, eos, bos, template)
+
+
+def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | None, str | None]:
+    def read(name: str) -> dict:
+        path = model_dir / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    config, gen_config, tok_config = read("config.json"), read("generation_config.json"), read("tokenizer_config.json")
+    eos: list[int] = []
+    for source in (config, config.get("text_config", {}), gen_config):
+        value = source.get("eos_token_id")
+        eos += [value] if isinstance(value, int) else list(value or [])
+    eos_token = tok_config.get("eos_token")
+    if isinstance(eos_token, dict):
+        eos_token = eos_token.get("content")
+    if isinstance(eos_token, str) and tok.token_to_id(eos_token) is not None:
+        eos.append(tok.token_to_id(eos_token))
+    bos = config.get("bos_token_id", gen_config.get("bos_token_id"))
+    template = tok_config.get("chat_template")
+    if template is None and (model_dir / "chat_template.jinja").exists():
+        template = (model_dir / "chat_template.jinja").read_text()
+    return eos, bos if isinstance(bos, int) else None, template

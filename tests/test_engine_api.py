@@ -1,0 +1,212 @@
+"""The public API on the mock backend: stop rules, bad input, streaming, logprobs, abort."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backends.mock import SIMPLE_BPE_PATH
+from backends.mock.runner import mock_logits
+from backends.sampler import log_softmax
+from mock_oracle import mock_generate
+from nanovllm_jax import LLM, SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+PROMPTS = ["The scheduler decides which tokens run", "A runner computes them", "héllo wörld 🦊 日本語"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(backend="mock", max_model_len=256)
+
+
+def test_outputs_in_input_order_with_per_prompt_params(llm):
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (9, 2, 5)]
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [9, 2, 5]
+    assert [o.prompt for o in outs] == PROMPTS
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.prompt_token_ids == llm.tokenizer.encode(prompt)
+        assert out.finish_reason == "length"
+
+
+def test_stop_string_spanning_two_tokens(llm):
+    free = llm.generate(PROMPTS[0], SamplingParams(max_tokens=40, **GREEDY), use_tqdm=False)[0]
+    pieces = [llm.tokenizer.decode(free.token_ids[: i + 1]) for i in range(len(free.token_ids))]
+    # a stop string made of the last char of token 5's text and the first of token 6's
+    k = next(i for i in range(4, 30) if len(pieces[i]) > len(pieces[i - 1]) and len(pieces[i + 1]) > len(pieces[i]))
+    stop = pieces[k][-1] + pieces[k + 1][len(pieces[k])]
+    cut = free.text.find(stop)
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=40, stop=["zzzzzz", stop], **GREEDY), use_tqdm=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[:cut]
+    assert out.token_ids == free.token_ids[: len(out.token_ids)]
+    assert llm.tokenizer.decode(out.token_ids).find(stop) >= 0  # the tokens that made the stop string stay
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    free = llm.generate(PROMPTS[1], SamplingParams(max_tokens=30, **GREEDY), use_tqdm=False)[0]
+    stop_id = free.token_ids[3]
+    out = llm.generate(PROMPTS[1], SamplingParams(max_tokens=30, stop_token_ids=[stop_id], **GREEDY), use_tqdm=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+    held = SamplingParams(max_tokens=30, min_tokens=10, stop_token_ids=[stop_id], **GREEDY)
+    out = llm.generate(PROMPTS[1], held, use_tqdm=False)[0]
+    assert stop_id not in out.token_ids[:10]  # banned while below min_tokens
+    assert len(out.token_ids) >= 10
+    prompt_ids = llm.tokenizer.encode(PROMPTS[1])
+    assert out.token_ids == mock_generate(prompt_ids, held, 1024, set())
+
+
+@pytest.fixture(scope="module")
+def eos_model(tmp_path_factory, llm):
+    """A model dir whose config names, as EOS, a token the mock emits greedily for PROMPTS[2]."""
+    free = llm.generate(PROMPTS[2], SamplingParams(max_tokens=20, **GREEDY), use_tqdm=False)[0]
+    eos = free.token_ids[4]
+    model_dir = tmp_path_factory.mktemp("eos_model")
+    shutil.copy(SIMPLE_BPE_PATH, model_dir / "tokenizer.json")
+    (model_dir / "config.json").write_text(json.dumps({"eos_token_id": [eos]}))
+    return model_dir, eos, free
+
+
+def test_eos_stops_unless_ignored(eos_model):
+    model_dir, eos, free = eos_model
+    llm = LLM(str(model_dir), backend="mock", max_model_len=256)
+    assert llm.tokenizer.eos_token_ids == [eos]
+    stopped = llm.generate(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(eos) + 1]
+    ignored = llm.generate(PROMPTS[2], SamplingParams(max_tokens=20, **GREEDY), use_tqdm=False)[0]
+    assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"
+
+
+def test_max_tokens_and_seeded_sampling(llm):
+    sp = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(PROMPTS[0], sp, use_tqdm=False)[0]
+    batched = llm.generate(PROMPTS + [PROMPTS[0]], [SamplingParams(max_tokens=3)] * 3 + [sp], use_tqdm=False)[3]
+    assert alone.token_ids == batched.token_ids and len(alone.token_ids) == 12
+
+
+def test_logprobs_are_log_softmax_of_the_model_logits(llm):
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, logprobs=3, **GREEDY), use_tqdm=False)[0]
+    context = [5, 6, 7]
+    for token, lp in zip(out.token_ids, out.logprobs):
+        ref = log_softmax(mock_logits(np.array(context, np.int32), 1024)[None])[0]
+        assert lp.token_id == token and lp.logprob == pytest.approx(ref[token], abs=1e-5)
+        assert list(lp.top) == list(np.argsort(-ref)[:3])
+        assert all(v == pytest.approx(ref[k], abs=1e-5) for k, v in lp.top.items())
+        context.append(token)
+    zero = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, logprobs=0, **GREEDY), use_tqdm=False)[0]
+    assert all(lp.top == {} for lp in zero.logprobs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(min_p=-0.5), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(seed=-1), "seed"),
+        (dict(logprobs=50), "logprobs"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
+        (dict(frequency_penalty=-2.5), "frequency_penalty"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop_token_ids=[-3]), "stop_token_ids"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_raise_and_the_engine_keeps_serving(llm):
+    ok = SamplingParams(max_tokens=4, **GREEDY)
+    expected = llm.generate(PROMPTS[0], ok, use_tqdm=False)[0].token_ids
+    cases = [
+        ("", ok, "empty"),
+        ([], ok, "empty"),
+        ([1] * 300, ok, "max_model_len"),
+        ([1] * 200, SamplingParams(max_tokens=100), "max_model_len"),
+        ([5000], ok, r"\[0, 1024\)"),
+        (PROMPTS[0], SamplingParams(stop_token_ids=[99999]), "stop_token_ids"),
+        (3.5, ok, "string or a list"),
+    ]
+    for prompt, params, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate([PROMPTS[0], prompt], params, use_tqdm=False)
+        assert not llm.engine.has_unfinished()  # nothing of the failed call was queued
+    assert llm.generate(PROMPTS[0], ok, use_tqdm=False)[0].token_ids == expected
+    with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
+        llm.generate(PROMPTS, [ok, ok], use_tqdm=False)
+
+
+def test_bad_engine_arguments():
+    with pytest.raises(ValueError, match="unknown backend 'torch'"):
+        LLM(backend="torch")
+    with pytest.raises(ValueError, match="does_not_exist"):
+        LLM("/nonexistent/does_not_exist", backend="jax")
+    with pytest.raises(ValueError, match="kvcache_block_size"):
+        LLM(backend="mock", kvcache_block_size=24)
+    with pytest.raises(ValueError, match="kvcache_block_size"):
+        LLM(backend="mock", kvcache_block_size=4)
+    with pytest.raises(ValueError, match="unknown engine argument"):
+        LLM(backend="mock", max_num_seq=4)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        LLM(backend="mock", enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=128)
+    with pytest.raises(ValueError, match="KV blocks"):
+        LLM(backend="mock", num_kvcache_blocks=2, kvcache_block_size=8).generate([[1] * 20], use_tqdm=False)
+    for size in (8, 64, 256):  # any power of two from 8 up
+        assert LLM(backend="mock", kvcache_block_size=size).generate([[1, 2]], use_tqdm=False)[0].token_ids
+
+
+def test_stream_matches_generate_including_multibyte_text(llm):
+    params = [SamplingParams(max_tokens=n, seed=s, temperature=1.0) for n, s in ((25, 1), (18, 2), (30, 3))]
+    params[1] = SamplingParams(max_tokens=18, seed=2, stop=["e "], temperature=1.0)
+    final = llm.generate(PROMPTS, params, use_tqdm=False)
+    texts, tokens, reasons = ["", "", ""], [[], [], []], [None, None, None]
+    for delta in llm.stream(PROMPTS, params):
+        texts[delta.index] += delta.text
+        tokens[delta.index] += delta.token_ids
+        if delta.finished:
+            reasons[delta.index] = delta.finish_reason
+    assert texts == [o.text for o in final]
+    assert tokens == [o.token_ids for o in final]
+    assert reasons == [o.finish_reason for o in final]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text(min_size=1, max_size=40))
+def test_incremental_detokenizer_never_splits_a_character(llm, text):
+    from nanovllm_jax.detokenizer import IncrementalDetokenizer
+
+    ids = llm.tokenizer.encode(text)
+    detok = IncrementalDetokenizer(llm.tokenizer, [])
+    pieces = [detok.add(t) for t in ids] + [detok.flush()]
+    if "\ufffd" not in text:
+        assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_simple_bpe_round_trips_any_unicode(llm, text):
+    assert llm.tokenizer.decode(llm.tokenizer.encode(text)) == text
+
+
+def test_abort_frees_blocks(llm):
+    engine = llm.engine
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=50, **GREEDY))
+    engine.step()
+    engine.abort(rid)
+    assert engine.release(rid).finish_reason == "abort"
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
