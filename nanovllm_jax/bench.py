@@ -1,0 +1,301 @@
+"""python -m nanovllm_jax.bench: nano-vllm's throughput benchmark, with transformers side by side.
+
+N requests of random token ids and random lengths (fixed seed), temperature 0.6, ignore_eos.
+Throughput = output tokens / wall time of one run after warm-up; latencies come from the streaming
+API (every request arrives at t=0, as in an offline batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path.home() / ".cache" / "nanovllm_jax"
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
+    rng = np.random.default_rng(args.seed)
+    high = min(vocab_size, 10000)
+    prompts = [
+        rng.integers(1, high, size=int(rng.integers(args.min_input_len, args.max_input_len + 1))).tolist()
+        for _ in range(args.num_seqs)
+    ]
+    output_lens = rng.integers(args.min_output_len, args.max_output_len + 1, size=args.num_seqs).tolist()
+    return Workload(prompts, output_lens)
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (JAX's monitoring event) from the moment it is reset."""
+
+    def __init__(self):
+        self.count = 0
+        try:
+            import jax.monitoring
+            from jax._src.dispatch import BACKEND_COMPILE_EVENT
+        except ImportError:
+            return
+
+        def on_event(event: str, duration: float, **kwargs) -> None:
+            if event == BACKEND_COMPILE_EVENT:
+                self.count += 1
+
+        jax.monitoring.register_event_duration_secs_listener(on_event)
+
+    def reset(self) -> None:
+        self.count = 0
+
+
+def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan")}
+    arr = np.asarray(values) * scale
+    return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99))}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_peak_mb() -> float | None:
+    try:
+        import jax
+
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - no device stats (CPU): report None
+        return None
+    return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
+
+
+def run_engine(backend: str, model: str | None, workload: Workload, args, counter: CompileCounter) -> dict:
+    from nanovllm_jax import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model, backend=backend, **engine_kwargs(args))
+    load_s = time.perf_counter() - start
+    warm = time.perf_counter()
+    llm.generate([workload.prompts[0][:8]], SamplingParams(max_tokens=4), use_tqdm=False)
+    warmup_s = time.perf_counter() - warm + getattr(llm.engine.runner, "warmup_seconds", 0.0)
+    counter.reset()
+
+    params = [
+        SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n, seed=args.seed + i)
+        for i, n in enumerate(workload.output_lens)
+    ]
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    gaps: list[float] = []
+    produced = 0
+    t0 = time.perf_counter()
+    for delta in llm.stream(workload.prompts, params):
+        now = time.perf_counter()
+        if not delta.token_ids:
+            continue
+        produced += len(delta.token_ids)
+        if delta.index in last:
+            gaps.append((now - last[delta.index]) / len(delta.token_ids))
+        else:
+            first[delta.index] = now - t0
+        last[delta.index] = now
+    wall = time.perf_counter() - t0
+    assert produced == workload.output_tokens, f"{backend} produced {produced} tokens, expected {workload.output_tokens}"
+    tpot = [
+        (last[i] - t0 - first[i]) / (n - 1) for i, n in enumerate(workload.output_lens) if n > 1
+    ]
+    return {
+        "engine": f"nanovllm_jax[{backend}]",
+        "output_tok_s": workload.output_tokens / wall,
+        "total_tok_s": (workload.output_tokens + workload.input_tokens) / wall,
+        "run_s": wall,
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "ttft_ms": percentiles(list(first.values())),
+        "tpot_ms": percentiles(tpot),
+        "itl_ms": percentiles(gaps),
+        "compilations_after_warmup": counter.count,
+        "peak_rss_mb": peak_rss_mb(),
+        "device_peak_mb": device_peak_mb(),
+    }
+
+
+def run_hf(model_dir: str, workload: Workload, args) -> dict:
+    """transformers, batched as a user of `generate` would: one left-padded batch, f32 on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - start
+    width = max(map(len, workload.prompts))
+    ids = torch.zeros((len(workload.prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(workload.prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    new_tokens = max(workload.output_lens)
+    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or None, top_k=None, top_p=None,
+                    min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
+    torch.manual_seed(args.seed)
+    warm = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], **(sampling | dict(min_new_tokens=4, max_new_tokens=4)))
+        warmup_s = time.perf_counter() - warm
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=mask, **sampling)
+        wall = time.perf_counter() - t0
+    # Counted the same way: each request's own max_tokens, not the batch's padding to the longest.
+    return {
+        "engine": "transformers",
+        "output_tok_s": workload.output_tokens / wall,
+        "total_tok_s": (workload.output_tokens + workload.input_tokens) / wall,
+        "run_s": wall,
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "torch": torch.__version__,
+    }
+
+
+def engine_kwargs(args) -> dict:
+    kwargs = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  kvcache_block_size=args.block_size)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def resolve_model(args) -> str | None:
+    if args.random_weights:
+        from nanovllm_jax.random_models import build_random_model
+
+        return str(build_random_model(args.random_weights, CACHE / "random" / args.random_weights))
+    if args.model is None and args.backend == ["mock"]:
+        return None
+    from nanovllm_jax.default_model import resolve_model as resolve
+
+    return str(resolve(args.model))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nanovllm_jax.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF model dir or .gguf file (default: the embedded Gemma 3 270M)")
+    p.add_argument("--random-weights", metavar="CONFIG_NAME",
+                   help="an architecture-shaped random model built locally instead of --model: "
+                        "qwen3-0.6b, qwen2-0.5b or llama-3.2-1b")
+    p.add_argument("--backend", default="jax", type=lambda s: s.split(","),
+                   help="jax, onnx or mock; a comma list (e.g. jax,onnx) runs each in turn (default: jax)")
+    p.add_argument("--num-seqs", type=int, default=16, help="number of requests (default: 16)")
+    p.add_argument("--min-input-len", type=int, default=32, help="shortest prompt in tokens (default: 32)")
+    p.add_argument("--max-input-len", type=int, default=128, help="longest prompt in tokens (default: 128)")
+    p.add_argument("--min-output-len", type=int, default=32, help="fewest output tokens (default: 32)")
+    p.add_argument("--max-output-len", type=int, default=64, help="most output tokens (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="workload and sampling seed (default: 0)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default: 0.6)")
+    p.add_argument("--compare", choices=["hf"], help="also run transformers on the same workload")
+    p.add_argument("--max-num-seqs", type=int, help="engine max_num_seqs (default: the engine's)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="engine token budget per step (default: the engine's)")
+    p.add_argument("--block-size", type=int, help="KV cache block size (default: the engine's)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    for backend in args.backend:
+        if backend not in ("jax", "onnx", "mock"):
+            p.error(f"unknown backend {backend!r}: choose jax, onnx or mock")
+    if args.min_input_len < 1 or args.min_input_len > args.max_input_len:
+        p.error("need 1 <= --min-input-len <= --max-input-len")
+    if args.min_output_len < 1 or args.min_output_len > args.max_output_len:
+        p.error("need 1 <= --min-output-len <= --max-output-len")
+    if args.compare and args.backend == ["mock"]:
+        p.error("--compare hf needs a real model (backend jax or onnx)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    counter = CompileCounter()
+    model = resolve_model(args)
+    vocab = _vocab_size(model)
+    workload = make_workload(args, vocab)
+    print(f"workload: {args.num_seqs} seqs, {workload.input_tokens} input + {workload.output_tokens} output tokens")
+    runs = []
+    for backend in args.backend:
+        runs.append(run_engine(backend, model, workload, args, counter))
+        print(format_run(runs[-1]))
+    if args.compare == "hf":
+        runs.append(run_hf(model, workload, args))
+        print(format_run(runs[-1]))
+    result = {
+        "command": "python -m nanovllm_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus(),
+                    "device": _device()},
+        "model": model or "mock",
+        "workload": {k: getattr(args, k) for k in ("num_seqs", "min_input_len", "max_input_len", "min_output_len",
+                                                   "max_output_len", "seed", "temperature")},
+        "runs": runs,
+    }
+    if args.compare == "hf":
+        hf = runs[-1]["output_tok_s"]
+        result["speedup_vs_hf"] = {run["engine"]: run["output_tok_s"] / hf for run in runs[:-1]}
+        print("speedup vs transformers: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_vs_hf"].items()))
+    if len(args.backend) > 1:
+        base = runs[0]["output_tok_s"]
+        result["ratio_vs_first_backend"] = {run["engine"]: run["output_tok_s"] / base for run in runs[1:len(args.backend)]}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_run(run: dict) -> str:
+    line = (f"{run['engine']:>22}: {run['output_tok_s']:8.1f} output tok/s  {run['total_tok_s']:8.1f} total tok/s  "
+            f"run {run['run_s']:.1f}s  warm-up {run['warmup_s']:.1f}s  peak RSS {run['peak_rss_mb']:.0f} MB")
+    if "ttft_ms" in run:
+        line += (f"\n{'':>24}TTFT p50/p99 {run['ttft_ms']['p50']:.0f}/{run['ttft_ms']['p99']:.0f} ms  "
+                 f"TPOT p50/p99 {run['tpot_ms']['p50']:.1f}/{run['tpot_ms']['p99']:.1f} ms  "
+                 f"ITL p50/p99 {run['itl_ms']['p50']:.1f}/{run['itl_ms']['p99']:.1f} ms  "
+                 f"compilations after warm-up: {run['compilations_after_warmup']}")
+    return line
+
+
+def _vocab_size(model: str | None) -> int:
+    if model is None:
+        return 1024
+    config = json.loads((Path(model) / "config.json").read_text())
+    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 1024)
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def _device() -> str:
+    try:
+        import jax
+
+        return str(jax.devices()[0].device_kind)
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

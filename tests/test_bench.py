@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from nanovllm_jax import bench
+from nanovllm_jax.random_models import RANDOM_CONFIGS, _tensor_shapes
+
+
+def test_bench_on_the_mock_reports_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--backend", "mock", "--num-seqs", "6", "--min-input-len", "4", "--max-input-len", "40",
+                "--min-output-len", "2", "--max-output-len", "12", "--json", str(out)])
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    assert run["engine"] == "nanovllm_jax[mock]"
+    assert run["output_tok_s"] > 0 and run["total_tok_s"] > run["output_tok_s"]
+    for key in ("ttft_ms", "tpot_ms", "itl_ms"):
+        assert run[key]["p50"] <= run[key]["p99"]
+    assert run["compilations_after_warmup"] == 0 and run["peak_rss_mb"] > 0
+    assert result["workload"]["num_seqs"] == 6
+
+
+def test_bench_workload_is_seeded():
+    args = bench.parse_args(["--backend", "mock", "--num-seqs", "5"])
+    a, b = bench.make_workload(args, 1024), bench.make_workload(args, 1024)
+    assert a.prompts == b.prompts and a.output_lens == b.output_lens
+    assert all(32 <= len(p) <= 128 for p in a.prompts) and all(32 <= n <= 64 for n in a.output_lens)
+
+
+@pytest.mark.parametrize("argv", [["--backend", "tpu"], ["--min-input-len", "9", "--max-input-len", "3"],
+                                  ["--backend", "mock", "--compare", "hf"]])
+def test_bench_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM_CONFIGS))
+def test_random_model_tensors_match_transformers(name):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**RANDOM_CONFIGS[name])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert _tensor_shapes(RANDOM_CONFIGS[name]) == expected
