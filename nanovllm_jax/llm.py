@@ -49,6 +49,16 @@ class LLM:
             self._abort_unfinished(ids, outputs)
         return [outputs[i] for i in ids]
 
+    def chat(self, conversations: list[dict] | list[list[dict]], sampling_params: ParamsArg = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"}) or several, via the chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.apply_chat_template(messages) for messages in conversations]
+        # The template already holds the BOS token, so the prompt text is encoded without specials.
+        token_ids = [self.tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts]
+        return self.generate(token_ids, sampling_params, use_tqdm)
+
     def stream(self, prompts: Prompt | Sequence[Prompt], sampling_params: ParamsArg = None) -> Iterator[StreamDelta]:
         """Yield each request's new tokens and text as they are produced; `index` is the prompt's position."""
         prompts = _as_list(prompts)

@@ -210,3 +210,19 @@ def test_abort_frees_blocks(llm):
     assert engine.release(rid).finish_reason == "abort"
     assert not engine.has_unfinished()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_chat_applies_the_model_chat_template(tmp_path):
+    shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
+    template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    llm = LLM(str(tmp_path), backend="mock")
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                    {"role": "user", "content": "more"}]
+    (out,) = llm.chat(conversation, SamplingParams(max_tokens=3), use_tqdm=False)
+    assert out.prompt_token_ids == llm.tokenizer.encode("<user>hi\n<assistant>yo\n<user>more\n<assistant>")
+    with pytest.raises(ValueError, match="no chat template"):
+        LLM(backend="mock").chat(conversation)
