@@ -4,13 +4,13 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import xxhash
 
 from nanovllm_jax.block_manager import BlockManager
 from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.default_model import resolve_model
 from nanovllm_jax.detokenizer import IncrementalDetokenizer
 from nanovllm_jax.outputs import Logprob, RequestOutput, StreamDelta
 from nanovllm_jax.runner import ModelRunner, SamplingBatch, StepBatch
@@ -23,14 +23,18 @@ Prompt = str | list[int]
 
 
 def create_backend(config: EngineConfig) -> tuple[ModelRunner, Tokenizer]:
-    if config.backend == "mock":
+    if config.backend == "mock" and config.model is None:
         from backends.mock import MockRunner, simple_bpe_tokenizer
 
-        tokenizer = load_tokenizer(_model_dir(config)) if config.model is not None else simple_bpe_tokenizer()
+        tokenizer = simple_bpe_tokenizer()
         return MockRunner(config, tokenizer.vocab_size), tokenizer
-    model_dir = _model_dir(config)
+    model_dir = resolve_model(config.model)  # None: the embedded default; a .gguf is converted once
     config.model = str(model_dir)
     tokenizer = load_tokenizer(model_dir)
+    if config.backend == "mock":
+        from backends.mock import MockRunner
+
+        return MockRunner(config, tokenizer.vocab_size), tokenizer
     if config.backend == "jax":
         from nanovllm_jax.jax_runner import JaxRunner
 
@@ -38,21 +42,6 @@ def create_backend(config: EngineConfig) -> tuple[ModelRunner, Tokenizer]:
     from backends.onnx import OnnxRunner
 
     return OnnxRunner(config), tokenizer
-
-
-def _model_dir(config: EngineConfig) -> Path:
-    try:
-        from nanovllm_jax.default_model import resolve_model
-    except ImportError:  # GGUF support not installed: plain HF dirs only
-        resolve_model = None
-    if resolve_model is not None:
-        return resolve_model(config.model)
-    if config.model is None:
-        raise ValueError("no model given: pass the path of an HF model dir")
-    path = Path(config.model)
-    if not path.is_dir():
-        raise ValueError(f"model path {config.model!r} is not a directory")
-    return path
 
 
 @dataclass

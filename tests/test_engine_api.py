@@ -219,6 +219,7 @@ def test_chat_applies_the_model_chat_template(tmp_path):
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (tmp_path / "config.json").write_text("{}")
     llm = LLM(str(tmp_path), backend="mock")
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                     {"role": "user", "content": "more"}]

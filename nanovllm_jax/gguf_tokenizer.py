@@ -1,0 +1,120 @@
+"""A GGUF's embedded vocabulary -> a `tokenizers` tokenizer with the same ids as transformers' GGUF tokenizer.
+
+The vocabulary-to-model step (sentencepiece-style BPE with merges rebuilt from the vocabulary, byte-level BPE,
+Gemma's respelled space runs, control tokens kept whole) is transformers' own GGUF tokenizer conversion, so the
+ids agree with `AutoTokenizer.from_pretrained(dir, gguf_file=...)` by construction; it needs no torch. What that
+conversion leaves to the tokenizer class (BOS/EOS insertion, special-token names, the chat template) is done here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers import Tokenizer, processors
+
+# tokenizer.ggml.* key -> the name transformers' converter expects in its tokenizer dict
+_TOKENIZER_KEYS = {
+    "model": "tokenizer_type",
+    "pre": "pre_tokenizer_type",
+    "tokens": "tokens",
+    "scores": "scores",
+    "token_type": "token_type",
+    "merges": "merges",
+    "precompiled_charsmap": "precompiled_charsmap",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "unknown_token_id": "unk_token_id",
+    "padding_token_id": "pad_token_id",
+    "add_space_prefix": "add_prefix_space",
+}
+
+# Gemma GGUFs converted from base checkpoints often carry no template; this is Gemma's turn format
+# (system text folded into the first user turn, assistant spoken as "model").
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] | trim + '\n\n' %}"
+    "{% else %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if role == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def has_vocab(metadata: dict[str, Any]) -> bool:
+    return "tokenizer.ggml.tokens" in metadata and "tokenizer.ggml.model" in metadata
+
+
+def build_tokenizer(architecture: str, metadata: dict[str, Any]) -> Tokenizer:
+    """The `tokenizers` tokenizer the GGUF's vocabulary describes, BOS/EOS insertion included."""
+    tokenizer_dict = {name: metadata[f"tokenizer.ggml.{key}"] for key, name in _TOKENIZER_KEYS.items()
+                      if f"tokenizer.ggml.{key}" in metadata}
+    tokenizer = _convert_with_transformers(architecture, tokenizer_dict)
+    tokenizer.post_processor = _special_token_template(metadata)
+    return tokenizer
+
+
+def tokenizer_config(architecture: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """`tokenizer_config.json`: special-token names, BOS/EOS flags and the chat template."""
+    tokens = metadata["tokenizer.ggml.tokens"]
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                              "add_bos_token": _adds_bos(metadata), "add_eos_token": _adds_eos(metadata)}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            config[name] = tokens[token_id]
+    template = metadata.get("tokenizer.chat_template")
+    if template is None and architecture.startswith("gemma") and "<start_of_turn>" in tokens:
+        template = GEMMA_CHAT_TEMPLATE
+    if template is not None:
+        config["chat_template"] = template
+    return config
+
+
+def _adds_bos(metadata: dict[str, Any]) -> bool:
+    # llama.cpp adds BOS to a sentencepiece ("llama") vocabulary unless the file says otherwise
+    default = metadata.get("tokenizer.ggml.model") == "llama"
+    return bool(metadata.get("tokenizer.ggml.add_bos_token", default)) and "tokenizer.ggml.bos_token_id" in metadata
+
+
+def _adds_eos(metadata: dict[str, Any]) -> bool:
+    return bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and "tokenizer.ggml.eos_token_id" in metadata
+
+
+def _special_token_template(metadata: dict[str, Any]) -> processors.TemplateProcessing:
+    tokens = metadata["tokenizer.ggml.tokens"]
+    specials: list[tuple[str, int]] = []
+    if _adds_bos(metadata):
+        bos = metadata["tokenizer.ggml.bos_token_id"]
+        specials.append((tokens[bos], bos))
+    prefix = [specials[0][0]] if specials else []
+    suffix: list[str] = []
+    if _adds_eos(metadata):
+        eos = metadata["tokenizer.ggml.eos_token_id"]
+        specials.append((tokens[eos], eos))
+        suffix = [tokens[eos]]
+    single = [*prefix, "$A:0", *suffix]
+    pair = [*single, *[f"{t}:1" for t in prefix], "$B:1", *[f"{t}:1" for t in suffix]]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict.fromkeys(specials)))
+
+
+def _convert_with_transformers(architecture: str, tokenizer_dict: dict[str, Any]) -> Tokenizer:
+    """transformers >= 5 exposes the converter as a function; 4.x as per-architecture converter classes."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError:
+        convert_gguf_tokenizer = None
+    if convert_gguf_tokenizer is not None:
+        tokenizer, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        return tokenizer
+    from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS, GGUFTokenizerSkeleton  # transformers 4.x
+
+    name = "gemma3" if architecture.startswith("gemma") else architecture
+    if name not in GGUF_TO_FAST_CONVERTERS:
+        raise ValueError(f"no GGUF tokenizer converter for architecture {architecture!r}")
+    return GGUF_TO_FAST_CONVERTERS[name](GGUFTokenizerSkeleton(tokenizer_dict)).converted()

