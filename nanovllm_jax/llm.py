@@ -54,10 +54,13 @@ class LLM:
         """Generate replies to one conversation (a list of {"role", "content"}) or several, via the chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = [self.tokenizer.apply_chat_template(messages) for messages in conversations]
-        # The template already holds the BOS token, so the prompt text is encoded without specials.
-        token_ids = [self.tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts]
-        return self.generate(token_ids, sampling_params, use_tqdm)
+        return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
+
+    def chat_prompt(self, conversation: list[dict]) -> list[int]:
+        """The prompt token ids of a conversation, ready for the assistant's reply."""
+        text = self.tokenizer.apply_chat_template(conversation)
+        # The template already holds the BOS token, so the text is encoded without specials.
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def stream(self, prompts: Prompt | Sequence[Prompt], sampling_params: ParamsArg = None) -> Iterator[StreamDelta]:
         """Yield each request's new tokens and text as they are produced; `index` is the prompt's position."""

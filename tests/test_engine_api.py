@@ -227,3 +227,13 @@ def test_chat_applies_the_model_chat_template(tmp_path):
     assert out.prompt_token_ids == llm.tokenizer.encode("<user>hi\n<assistant>yo\n<user>more\n<assistant>")
     with pytest.raises(ValueError, match="no chat template"):
         LLM(backend="mock").chat(conversation)
+
+
+def test_generate_cli_prints_each_prompt_and_its_text(capsys, llm):
+    from nanovllm_jax import generate
+
+    generate.main(["--backend", "mock", "first prompt", "second", "--max-tokens", "6", "--temperature", "0"])
+    out = capsys.readouterr().out
+    expected = llm.generate(["first prompt", "second"], SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)
+    for prompt, result in zip(["first prompt", "second"], expected):
+        assert f"### {prompt}\n{result.text}\n[6 tokens, length]" in out

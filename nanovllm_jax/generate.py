@@ -1,0 +1,42 @@
+"""python -m nanovllm_jax.generate: generate text from the command line (default: the embedded Gemma 3 270M)."""
+from __future__ import annotations
+
+import argparse
+
+from nanovllm_jax import LLM, SamplingParams
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nanovllm_jax.generate", description=__doc__)
+    p.add_argument("prompts", nargs="+", help="one or more prompts, generated as one batch")
+    p.add_argument("--model", help="HF model dir or .gguf file (default: the embedded Gemma 3 270M)")
+    p.add_argument("--backend", default="jax", choices=["jax", "onnx", "mock"], help="default: jax")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64, help="default: 64")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stream", action="store_true", help="print text as it is produced")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    llm = LLM(args.model, backend=args.backend)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    prompts = args.prompts
+    if args.chat:
+        prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+    if args.stream:
+        for delta in llm.stream(prompts, params):
+            tag = f"[{delta.index}] " if len(prompts) > 1 else ""
+            print(f"{tag}{delta.text}", end="\n" if delta.finished or tag else "", flush=True)
+        return
+    for prompt, out in zip(args.prompts, llm.generate(prompts, params)):
+        print(f"### {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}]\n")
+
+
+if __name__ == "__main__":
+    main()
