@@ -1,0 +1,27 @@
+"""Shape buckets: every step is padded up to one of a few fixed sizes, so a handful of programs
+compiled at start-up serve the whole run."""
+from __future__ import annotations
+
+
+def buckets(limit: int) -> list[int]:
+    """1, 2, 4, ... below `limit`, then `limit` itself (up to and including it)."""
+    sizes, n = [], 1
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return sizes + [limit]
+
+
+def bucket_for(n: int, sizes: list[int]) -> int:
+    """The smallest bucket holding n."""
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+def step_buckets(max_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
+    """(token bucket, sequence bucket) pairs. A step has no more sequences than tokens, so each token
+    bucket carries one sequence bucket: the smallest holding min(tokens, max_seqs)."""
+    seq_sizes = buckets(max_seqs)
+    return [(t, bucket_for(min(t, max_seqs), seq_sizes)) for t in buckets(max_tokens)]

@@ -1,0 +1,192 @@
+"""The native JAX backend: loads an HF model, owns the paged KV cache, runs one jitted step per call.
+
+Per step: pad the StepBatch to its (tokens, sequences) bucket and pack it into one int32 array
+(one host->device transfer), run the program compiled for that bucket at start-up (forward + on-device
+sampling; the caches are donated and updated in place), read back the sampled tokens (and logprobs
+when asked). Nothing compiles after warm-up: calling an ahead-of-time compiled program with any
+other shape raises instead of silently recompiling.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanovllm_jax.buckets import bucket_for, buckets, step_buckets
+from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.layers.sampler import sample
+from nanovllm_jax.loader import DTYPES, load_model
+from nanovllm_jax.runner import StepBatch, StepOutput
+from nanovllm_jax.step_packing import SeqLayout, StepLayout
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 1 << 30  # default CPU budget (capped at what max_num_seqs full-length sequences use)
+# Cached-context tokens attention reads per loop iteration: T * chunk about CHUNK_BUDGET keeps the
+# gathered chunk in cache (on CPU a 32-token decode runs 4x faster with 16-token chunks than 256).
+MAX_CHUNK_TOKENS = 128
+CHUNK_BUDGET = 512
+MIN_BANNED_COLUMNS = 16
+
+
+def enable_compilation_cache(cache_dir: str | None) -> str:
+    """Turn on JAX's persistent compilation cache (process-wide; the first directory set wins)."""
+    path = cache_dir or os.path.join(Path.home(), ".cache", "nanovllm_jax", "xla")
+    if not jax.config.jax_compilation_cache_dir:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return jax.config.jax_compilation_cache_dir
+
+
+def _forward_step(params, k_cache, v_cache, token_cache, packed, *, layout: StepLayout, forward, model_config):
+    """Write this step's tokens and K/V, return logits for each sequence row (and the packed
+    per-sequence section, which stays on device for the sampler)."""
+    inputs = layout.unpack(packed)
+    fwd = inputs.forward
+    token_cache = token_cache.at[fwd.slot_mapping].set(fwd.input_ids, mode="drop")
+    logits, k_cache, v_cache = forward(params, k_cache, v_cache, fwd, model_config)
+    return logits, inputs.seq_section, k_cache, v_cache, token_cache
+
+
+def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout):
+    inputs = layout.unpack(seq_section)
+
+    def context():  # each row's context token ids, read through its block table (penalties only)
+        bs = layout.block_size
+        pos = jnp.arange(layout.table_width * bs, dtype=jnp.int32)
+        slots = inputs.block_tables[:, pos // bs] * bs + pos % bs
+        return token_cache[slots], pos[None, :] < inputs.sampling.context_lens[:, None]
+
+    return sample(logits, inputs.sampling, context)
+
+
+class JaxRunner:
+    def __init__(self, config: EngineConfig, loaded: tuple | None = None):
+        """`loaded`: an already built (model module, model config, device params), e.g. random weights
+        for a benchmark; otherwise the model is read from the HF dir config.model."""
+        if config.model is None and loaded is None:
+            raise ValueError("the jax backend needs a model dir")
+        self.compilation_cache_dir = enable_compilation_cache(config.compilation_cache_dir)
+        self.platform = jax.default_backend()
+        self.dtype = config.dtype or ("float32" if self.platform == "cpu" else "bfloat16")
+        # XLA:CPU copies each layer's weights out of a stacked array under scan: unroll there instead.
+        self.scan_layers = self.platform != "cpu"
+        self.model, self.model_config, self.params = loaded or load_model(config.model, self.dtype, self.scan_layers)
+        mc = self.model_config
+        config.finalize(mc.max_position_embeddings)
+        self.config = config
+        self.vocab_size = mc.vocab_size
+        self.block_size = config.kvcache_block_size
+        # XLA:CPU rewrites a whole bf16 buffer on scatter, so the CPU cache stays f32.
+        self.cache_dtype = jnp.float32 if self.platform == "cpu" else DTYPES[self.dtype]
+        self.num_kvcache_blocks = config.num_kvcache_blocks or self._blocks_from_budget()
+        self.num_slots = self.num_kvcache_blocks * self.block_size
+        cache_shape = (mc.num_layers, mc.num_kv_heads, self.num_slots, mc.head_dim)
+        self.k_cache = jnp.zeros(cache_shape, self.cache_dtype)
+        self.v_cache = jnp.zeros(cache_shape, self.cache_dtype)
+        self.token_cache = jnp.zeros((self.num_slots,), jnp.int32)
+
+        self.max_pages_per_chunk = max(1, MAX_CHUNK_TOKENS // self.block_size)
+        self.table_width = -(-config.max_blocks_per_seq // self.max_pages_per_chunk) * self.max_pages_per_chunk
+        self.buckets = step_buckets(config.max_num_batched_tokens, config.max_num_seqs)
+        self._token_buckets = [t for t, _ in self.buckets]
+        self._seq_bucket = dict(self.buckets)
+        # Two programs per step: the forward for the token bucket, then the sampler for the sequence
+        # bucket (shared by token buckets, so fewer programs to compile). Logits stay on device.
+        self._forward_jit = jax.jit(
+            partial(_forward_step, forward=self.model.forward, model_config=mc), static_argnames=("layout",),
+            donate_argnums=(1, 2, 3),
+        )
+        self._sample_jit = jax.jit(_sample_step, static_argnames=("layout",))
+        self._forward_programs: dict[tuple[int, int], tuple[StepLayout, object]] = {}
+        self._sample_programs: dict[SeqLayout, object] = {}
+        start = time.perf_counter()
+        for tokens, _ in self.buckets:
+            self._programs(tokens, MIN_BANNED_COLUMNS)
+        self.warmup_seconds = time.perf_counter() - start
+        log.info("jax runner: %d forward + %d sampler programs compiled in %.1fs",
+                 len(self._forward_programs), len(self._sample_programs), self.warmup_seconds)
+
+    # ---- memory ---------------------------------------------------------------------------
+
+    def _block_bytes(self) -> int:
+        mc = self.model_config
+        kv = 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim
+        return kv * jnp.dtype(self.cache_dtype).itemsize + self.block_size * 4
+
+    def _blocks_from_budget(self) -> int:
+        config = self.config
+        useful = config.max_num_seqs * config.max_blocks_per_seq  # every sequence at full length
+        if self.platform == "cpu":
+            budget = config.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+            cap = useful if config.kv_cache_memory_bytes is None else None
+        else:
+            stats = jax.devices()[0].memory_stats() or {}
+            limit = stats.get("bytes_limit", 0)
+            mc = self.model_config
+            # room for activations and logits of the largest step
+            act = 4 * config.max_num_batched_tokens * (3 * mc.hidden_size + 2 * mc.intermediate_size)
+            act += 4 * 4 * config.max_num_seqs * mc.vocab_size
+            budget = int(limit * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0) - act - (256 << 20)
+            cap = None
+        blocks = max(budget // self._block_bytes(), 1)
+        return int(min(blocks, cap) if cap else blocks)
+
+    # ---- compilation ----------------------------------------------------------------------
+
+    def _layout(self, tokens: int, banned: int) -> StepLayout:
+        pages = min(self.max_pages_per_chunk, max(1, CHUNK_BUDGET // tokens // self.block_size))
+        pages = 1 << (pages.bit_length() - 1)  # a power of two, so it divides table_width
+        seq = SeqLayout(self._seq_bucket[tokens], self.table_width, banned, self.block_size)
+        return StepLayout(tokens, seq, pages, self.num_slots)
+
+    def _programs(self, tokens: int, banned: int):
+        """(layout, forward program, sampler program) for a bucket, compiled ahead of time once."""
+        key = (tokens, banned)
+        if key not in self._forward_programs:
+            layout = self._layout(tokens, banned)
+            packed = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
+            lowered = self._forward_jit.lower(self.params, self.k_cache, self.v_cache, self.token_cache, packed,
+                                              layout=layout)
+            self._forward_programs[key] = (layout, lowered.compile())
+        layout, forward = self._forward_programs[key]
+        if layout.seq not in self._sample_programs:
+            logits = jax.ShapeDtypeStruct((layout.seq.seqs, self.vocab_size), jnp.float32)
+            section = jax.ShapeDtypeStruct((layout.seq.size,), jnp.int32)
+            lowered = self._sample_jit.lower(logits, self.token_cache, section, layout=layout.seq)
+            self._sample_programs[layout.seq] = lowered.compile()
+        return layout, forward, self._sample_programs[layout.seq]
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        tokens = bucket_for(batch.num_tokens, self._token_buckets)
+        banned = max(MIN_BANNED_COLUMNS, batch.sampling.banned_token_ids.shape[1])
+        if banned > MIN_BANNED_COLUMNS:  # rare (many stop ids under min_tokens): one more program
+            banned = bucket_for(banned, buckets(1 << 20))
+        layout, forward, sampler = self._programs(tokens, banned)
+        assert batch.num_seqs <= layout.seq.seqs, (batch.num_seqs, layout)
+        packed = jax.device_put(layout.pack(batch))
+        logits, section, self.k_cache, self.v_cache, self.token_cache = forward(
+            self.params, self.k_cache, self.v_cache, self.token_cache, packed
+        )
+        out = sampler(logits, self.token_cache, section)
+        s = batch.num_seqs
+        token_ids = np.asarray(out.token_ids)[:s]
+        n = batch.sampling.num_logprobs
+        if n == 0:
+            return StepOutput(token_ids=token_ids)
+        return StepOutput(
+            token_ids=token_ids,
+            logprobs=np.asarray(out.logprobs)[:s],
+            top_token_ids=np.asarray(out.top_token_ids)[:s, :n],
+            top_logprobs=np.asarray(out.top_logprobs)[:s, :n],
+        )

@@ -1,0 +1,117 @@
+"""Paged attention in pure JAX over one flat token batch (prefill, chunked prefill and decode alike).
+
+Every token t of sequence s attends to the positions p <= pos[t] of s. These split into two sets:
+  * this step's own new tokens (p >= cached_len[s]): a dense [T, T] score block with a
+    same-sequence causal mask, using the K/V just computed (no cache read);
+  * the cached context (p < cached_len[s]): read from the paged cache through the block table,
+    a chunk of pages at a time with an online softmax. The loop runs only as many chunks as the
+    longest cached context of this step needs, so a decode step costs O(sum of contexts), and a
+    fresh prefill skips the cache entirely.
+Decode is the special case T == S: every token is its own sequence and reads its pages once.
+The cache is the stacked [layers, kv_heads, slots, head_dim] array (slot = block * block_size +
+offset): kv-head-major, so a gathered chunk already has the [kv_head, token, key, dim] layout the
+batched dots want and XLA adds no transposed copy of it (2x faster on CPU than slot-major).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+MASKED = -1e30  # finite, so a fully masked chunk never turns the running max into NaN
+
+
+@partial(jax.tree_util.register_dataclass,
+         data_fields=["positions", "seq_ids", "cached_lens", "block_tables", "num_chunks"],
+         meta_fields=["block_size", "pages_per_chunk"])
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-token attention inputs; a pytree whose two sizes are static (part of the compiled shape)."""
+
+    positions: jax.Array  # i32[T]
+    seq_ids: jax.Array  # i32[T]; -1 for padding tokens (they attend only among themselves)
+    cached_lens: jax.Array  # i32[T]; positions of the token's sequence already in the cache before this step
+    block_tables: jax.Array  # i32[T, W]; the token's sequence's block table, W a multiple of pages_per_chunk
+    num_chunks: jax.Array  # i32[]; chunks of pages to visit = ceil(max cached_lens / chunk tokens)
+    block_size: int  # static
+    pages_per_chunk: int  # static
+
+
+def gather_blocks(blocks_cache: jax.Array, layer: jax.Array | int, block_ids: jax.Array) -> jax.Array:
+    """cache[L, KV, NB, bs, D] at (layer, block_ids[T, P]) -> [KV, T, P, bs, D], read straight from the
+    stacked cache (no per-layer slice copy) and laid out for the batched dots."""
+    layer_ids = jnp.broadcast_to(jnp.asarray(layer, jnp.int32), block_ids.shape)
+    indices = jnp.stack([layer_ids, block_ids], axis=-1)  # [T, P, 2]
+    _, kv, _, bs, d = blocks_cache.shape
+    dims = jax.lax.GatherDimensionNumbers(offset_dims=(0, 3, 4), collapsed_slice_dims=(0, 2), start_index_map=(0, 2))
+    return jax.lax.gather(blocks_cache, indices, dims, slice_sizes=(1, kv, 1, bs, d), mode="clip")
+
+
+def paged_attention(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    layer: jax.Array | int = 0,
+    sliding_window: int | jax.Array | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    """q[T, H, D] over k/v_new[T, KV, D] and the cached context in k/v_cache[L, KV, slots, D] at `layer`.
+
+    GQA: query head h reads kv head h // (H // KV). `sliding_window` (None: full) keeps keys with
+    pos[t] - p < window; `softcap` applies cap * tanh(score / cap). Returns [T, H, D] in q's dtype.
+    """
+    t, h, d = q.shape
+    kv = k_new.shape[1]
+    qg = q.reshape(t, kv, h // kv, d).transpose(1, 0, 2, 3)  # [KV, T, G, D]
+    pos = meta.positions
+
+    def scores(keys: jax.Array, equation: str) -> jax.Array:
+        s = jnp.einsum(equation, qg, keys, preferred_element_type=jnp.float32) * scale
+        return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+    def in_window(key_pos: jax.Array) -> jax.Array:  # key_pos broadcastable to [T, C]
+        if sliding_window is None:
+            return jnp.ones((), bool)
+        return (pos[:, None] - key_pos) < sliding_window
+
+    # This step's tokens: same sequence, causal.
+    s_new = scores(k_new, "ktgd,ckd->ktgc")  # [KV, T, G, T]
+    mask = (meta.seq_ids[:, None] == meta.seq_ids[None, :]) & (pos[None, :] <= pos[:, None])
+    mask &= in_window(pos[None, :])
+    s_new = jnp.where(mask[None, :, None, :], s_new, MASKED)
+    m = s_new.max(axis=-1)  # finite: every token sees itself
+    p = jnp.exp(s_new - m[..., None])
+    l = p.sum(axis=-1)
+    acc = jnp.einsum("ktgc,ckd->ktgd", p, v_new.astype(jnp.float32))
+
+    # The cached context, a chunk of pages at a time.
+    bs, ppc = meta.block_size, meta.pages_per_chunk
+    chunk = bs * ppc
+    k_blocks = k_cache.reshape(k_cache.shape[0], kv, -1, bs, d)  # free view: [L, KV, blocks, bs, D]
+    v_blocks = v_cache.reshape(v_cache.shape[0], kv, -1, bs, d)
+
+    def visit(j, state):
+        m, l, acc = state
+        blocks = jax.lax.dynamic_slice_in_dim(meta.block_tables, j * ppc, ppc, axis=1)  # [T, P]
+        keys = gather_blocks(k_blocks, layer, blocks).reshape(kv, t, chunk, d)
+        vals = gather_blocks(v_blocks, layer, blocks).reshape(kv, t, chunk, d)
+        key_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        ok = (key_pos[None, :] < meta.cached_lens[:, None]) & in_window(key_pos[None, :])
+        s = jnp.where(ok[None, :, None, :], scores(keys, "ktgd,ktcd->ktgc"), MASKED)
+        m_next = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_next[..., None])
+        alpha = jnp.exp(m - m_next)
+        l = l * alpha + p.sum(axis=-1)
+        acc = acc * alpha[..., None] + jnp.einsum("ktgc,ktcd->ktgd", p, vals.astype(jnp.float32))
+        return m_next, l, acc
+
+    m, l, acc = jax.lax.fori_loop(0, meta.num_chunks, visit, (m, l, acc))
+    out = acc / l[..., None]  # [KV, T, G, D]
+    return out.transpose(1, 0, 2, 3).reshape(t, h, d).astype(q.dtype)

@@ -1,0 +1,219 @@
+"""Llama-family decoders (Llama 2/3.x, Qwen2, Qwen3) as one pure function over a params pytree.
+
+The families differ only in small switches: Qwen2 adds q/k/v biases, Qwen3 RMS-normalizes q and k
+per head, Llama 3.x rescales RoPE frequencies. Layer weights come either stacked on a leading axis
+(run under lax.scan: ~4x faster to compile) or as a list of per-layer dicts (unrolled: on XLA:CPU
+~4x faster to run, since scan copies each layer's weight slice before its matmul). The KV cache is
+a carry that each layer scatters its new K/V into in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanovllm_jax.layers.attention import paged_attention
+from nanovllm_jax.layers.norm import rms_norm
+from nanovllm_jax.layers.rope import apply_rope, rope_inv_freq
+from nanovllm_jax.models import ForwardInputs
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: tuple | None  # sorted dict items, hashable so the config can be a jit static
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2, or attention_bias
+    o_bias: bool  # attention_bias (Llama / Qwen3 option)
+    qk_norm: bool  # Qwen3
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def parse_config(hf: dict) -> LlamaConfig:
+    """Read an HF config.json dict (transformers 4.x or 5.x field names)."""
+    model_type = hf.get("model_type", "")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config field hidden_act={hf['hidden_act']!r} is unsupported (only silu)")
+    if hf.get("mlp_bias"):
+        raise ValueError("config field mlp_bias=true is unsupported")
+    if hf.get("use_sliding_window"):
+        raise ValueError("config field use_sliding_window=true is unsupported for this architecture")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    scaling = dict(hf.get("rope_scaling") or rope)
+    scaling.pop("rope_theta", None)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    heads = hf["num_attention_heads"]
+    attention_bias = bool(hf.get("attention_bias", False))
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rope_theta=theta,
+        rope_scaling=None if rope_type == "default" else tuple(sorted(scaling.items())),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=attention_bias,
+        qk_norm=model_type == "qwen3",
+    )
+
+
+# ---- weights: HF names -> params pytree, in this one place -----------------------------------
+
+GetTensor = Callable[[str, tuple], np.ndarray]  # (hf name, expected HF shape) -> array in target dtype
+
+
+def load_params(cfg: LlamaConfig, get: GetTensor, has: Callable[[str], bool]) -> dict:
+    """Host (numpy) params: linear weights as [in, out], per-layer tensors stacked on axis 0,
+    q/k/v and gate/up fused so each layer does two big matmuls instead of five."""
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+
+    def stack(fn) -> np.ndarray:
+        return np.stack([fn(f"model.layers.{n}.") for n in range(cfg.num_layers)])
+
+    def linear(name: str, out: int, inp: int) -> np.ndarray:
+        return get(name, (out, inp)).T
+
+    layers = {
+        "attn_norm": stack(lambda p: get(p + "input_layernorm.weight", (h,))),
+        "mlp_norm": stack(lambda p: get(p + "post_attention_layernorm.weight", (h,))),
+        "w_qkv": stack(lambda p: np.concatenate([
+            linear(p + "self_attn.q_proj.weight", q, h),
+            linear(p + "self_attn.k_proj.weight", kv, h),
+            linear(p + "self_attn.v_proj.weight", kv, h)], axis=1)),
+        "w_o": stack(lambda p: linear(p + "self_attn.o_proj.weight", h, q)),
+        "w_gate_up": stack(lambda p: np.concatenate([
+            linear(p + "mlp.gate_proj.weight", i, h), linear(p + "mlp.up_proj.weight", i, h)], axis=1)),
+        "w_down": stack(lambda p: linear(p + "mlp.down_proj.weight", h, i)),
+    }
+    if cfg.qkv_bias:
+        layers["b_qkv"] = stack(lambda p: np.concatenate([
+            get(p + "self_attn.q_proj.bias", (q,)), get(p + "self_attn.k_proj.bias", (kv,)),
+            get(p + "self_attn.v_proj.bias", (kv,))]))
+    if cfg.o_bias:
+        layers["b_o"] = stack(lambda p: get(p + "self_attn.o_proj.bias", (h,)))
+    if cfg.qk_norm:
+        layers["q_norm"] = stack(lambda p: get(p + "self_attn.q_norm.weight", (cfg.head_dim,)))
+        layers["k_norm"] = stack(lambda p: get(p + "self_attn.k_norm.weight", (cfg.head_dim,)))
+    params = {
+        "embed": get("model.embed_tokens.weight", (cfg.vocab_size, h)),
+        "norm": get("model.norm.weight", (h,)),
+        "layers": layers,
+        "rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ())),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, h)).T
+    return params
+
+
+def random_params(cfg: LlamaConfig, dtype: str = "float32", seed: int = 0, std: float = 0.02,
+                  stacked: bool = False) -> dict:
+    """Random weights in the pytree layout, for benchmarks that need no checkpoint on disk."""
+    rng = np.random.default_rng(seed)
+    shapes = {}
+
+    def fake(name: str, shape: tuple) -> np.ndarray:
+        shapes[name] = shape
+        if name.endswith("norm.weight"):
+            return np.ones(shape, np.float32)
+        return (rng.standard_normal(shape, dtype=np.float32) * std)
+
+    from nanovllm_jax.loader import to_device
+
+    return to_device(load_params(cfg, fake, lambda name: True), str(jnp.dtype(dtype)), stacked=stacked)
+
+
+# ---- the forward pass ------------------------------------------------------------------------
+
+def write_kv(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, slots: jax.Array, k: jax.Array,
+             v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scatter this step's k/v[T, KV, D] into the stacked [L, KV, slots, D] caches in place.
+
+    Attention must then read the updated buffers (reading the old ones would make XLA copy the whole
+    cache every layer), and the barrier keeps XLA from fusing the update into those reads (with one
+    token it turns the scatter into an update-slice that it fuses into a full-cache copy).
+    """
+    if slots.shape[0] == 1:  # XLA rewrites a one-row scatter as an update-slice that copies the cache
+        slots = jnp.concatenate([slots, jnp.full((1,), k_cache.shape[2], slots.dtype)])  # a dropped row
+        k, v = (jnp.concatenate([x, x]) for x in (k, v))
+    layer = jnp.asarray(layer)  # an array index, so the indexed dims come first: [T, KV, D]
+    k_cache = k_cache.at[layer, :, slots].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[layer, :, slots].set(v.astype(v_cache.dtype), mode="drop")
+    return jax.lax.optimization_barrier((k_cache, v_cache))
+
+
+def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: ForwardInputs, cfg: LlamaConfig):
+    """Run T new tokens; returns (f32 logits[S, vocab] at logits_indices, k_cache, v_cache)."""
+    x = params["embed"][inputs.input_ids]
+    meta = inputs.attn
+    t = x.shape[0]
+    scale = cfg.head_dim ** -0.5
+
+    def layer_step(carry, layer_in):
+        x, k_cache, v_cache = carry
+        w, layer = layer_in
+        h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+        qkv = h @ w["w_qkv"]
+        if cfg.qkv_bias:
+            qkv = qkv + w["b_qkv"]
+        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        q = apply_rope(q, meta.positions, params["rope_inv_freq"])
+        k = apply_rope(k, meta.positions, params["rope_inv_freq"])
+        k_cache, v_cache = write_kv(k_cache, v_cache, layer, inputs.slot_mapping, k, v)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer)
+        o = o.reshape(t, cfg.q_size) @ w["w_o"]
+        if cfg.o_bias:
+            o = o + w["b_o"]
+        x = x + o
+        h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+        gate, up = jnp.split(h @ w["w_gate_up"], 2, axis=-1)
+        x = x + (jax.nn.silu(gate) * up) @ w["w_down"]
+        return (x, k_cache, v_cache), None
+
+    carry = (x, k_cache, v_cache)
+    if isinstance(params["layers"], (list, tuple)):  # per-layer arrays, unrolled (see loader.to_device)
+        for i, w in enumerate(params["layers"]):
+            carry, _ = layer_step(carry, (w, jnp.int32(i)))
+    else:  # stacked on axis 0: lax.scan, ~4x faster to compile
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], layer_ids))
+    x, k_cache, v_cache = carry
+    h = rms_norm(x[inputs.logits_indices], params["norm"], cfg.rms_norm_eps)
+    if "lm_head" in params:
+        logits = jnp.dot(h, params["lm_head"], preferred_element_type=jnp.float32)
+    else:  # tied: contract with the embedding table as stored, no transposed copy
+        logits = jnp.einsum("sh,vh->sv", h, params["embed"], preferred_element_type=jnp.float32)
+    return logits, k_cache, v_cache

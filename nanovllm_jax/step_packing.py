@@ -1,0 +1,185 @@
+"""One step's inputs as ONE int32 array: packed on the host, unpacked by static offsets on device.
+
+A single host->device transfer per step carries the token metadata, the paged-attention metadata
+and every sampling parameter (floats and u32 seeds travel as their bit patterns). The per-sequence
+section comes first and depends only on the sequence bucket, so the forward program can hand
+that prefix to a sampler program shared by every token bucket with the same sequence bucket.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanovllm_jax.layers.attention import AttentionMetadata
+from nanovllm_jax.layers.sampler import SamplingInputs
+from nanovllm_jax.models import ForwardInputs
+from nanovllm_jax.runner import StepBatch
+
+_SEQ_INT_FIELDS = ("context_lens", "logits_indices", "prompt_lens", "top_k", "seeds")
+_SEQ_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_SEQ_FLAGS = ("use_penalties", "use_logprobs", "use_random", "use_sort")
+_TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_ids", "cached_lens")
+
+
+class StepInputs(NamedTuple):
+    forward: ForwardInputs
+    seq_section: jax.Array  # the packed per-sequence prefix, for the sampler program
+
+
+class SamplerInputs(NamedTuple):
+    sampling: SamplingInputs
+    block_tables: jax.Array  # i32[S, W] (for the penalties' context read)
+
+
+def _layout_offsets(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    offsets, at = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = at
+        at += int(np.prod(shape))
+    offsets["_end"] = at
+    return offsets
+
+
+def _view(buf, shapes: dict, offsets: dict, name: str):
+    start = offsets[name]
+    return buf[start: start + int(np.prod(shapes[name]))].reshape(shapes[name])
+
+
+@dataclass(frozen=True)
+class SeqLayout:
+    """The per-sequence section: sampling parameters, block tables, context lengths, flags."""
+
+    seqs: int  # S bucket
+    table_width: int  # block-table width, a multiple of every pages_per_chunk in use
+    max_banned: int  # banned-id columns
+    block_size: int
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {name: (self.seqs,) for name in _SEQ_INT_FIELDS + _SEQ_FLOAT_FIELDS}
+        shapes |= {"block_tables": (self.seqs, self.table_width), "banned": (self.seqs, self.max_banned)}
+        return shapes | {name: () for name in _SEQ_FLAGS}
+
+    @cached_property
+    def offsets(self) -> dict[str, int]:
+        return _layout_offsets(self.shapes)
+
+    @property
+    def size(self) -> int:
+        return self.offsets["_end"]
+
+    def pack(self, buf: np.ndarray, batch: StepBatch) -> None:
+        def field(name: str) -> np.ndarray:
+            return _view(buf, self.shapes, self.offsets, name)
+
+        s = batch.num_seqs
+        width = min(batch.block_tables.shape[1], self.table_width)
+        field("block_tables")[:s, :width] = np.maximum(batch.block_tables[:, :width], 0)  # -1 reads block 0, masked
+        field("context_lens")[:s] = batch.context_lens
+        field("logits_indices")[:s] = batch.logits_indices
+        sp = batch.sampling
+        field("prompt_lens")[:s] = sp.prompt_lens
+        field("top_k")[:s] = sp.top_k
+        field("seeds")[:s] = sp.seeds.astype(np.uint32).view(np.int32)
+        floats = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+                  "presence_penalty": 0.0, "frequency_penalty": 0.0}
+        for name, pad in floats.items():
+            values = np.full(self.seqs, pad, np.float32)
+            values[:s] = getattr(sp, name)
+            field(name)[:] = values.view(np.int32)
+        banned = field("banned")
+        banned[:] = -1
+        banned[:s, : sp.banned_token_ids.shape[1]] = sp.banned_token_ids
+        sampled = sp.temperature > 0
+        field("use_penalties")[...] = sp.needs_penalties
+        field("use_logprobs")[...] = sp.num_logprobs > 0
+        field("use_random")[...] = bool(sampled.any())
+        field("use_sort")[...] = bool((sampled & ((sp.top_k > 0) | (sp.top_p < 1.0))).any())
+
+    def unpack(self, packed: jax.Array) -> SamplerInputs:
+        def field(name: str) -> jax.Array:
+            return _view(packed, self.shapes, self.offsets, name)
+
+        def as_float(name: str) -> jax.Array:
+            return jax.lax.bitcast_convert_type(field(name), jnp.float32)
+
+        sampling = SamplingInputs(
+            temperature=as_float("temperature"), top_k=field("top_k"), top_p=as_float("top_p"),
+            min_p=as_float("min_p"), seeds=jax.lax.bitcast_convert_type(field("seeds"), jnp.uint32),
+            repetition_penalty=as_float("repetition_penalty"), presence_penalty=as_float("presence_penalty"),
+            frequency_penalty=as_float("frequency_penalty"), prompt_lens=field("prompt_lens"),
+            context_lens=field("context_lens"), banned_token_ids=field("banned"),
+            use_penalties=field("use_penalties"), use_logprobs=field("use_logprobs"),
+            use_random=field("use_random"), use_sort=field("use_sort"),
+        )
+        return SamplerInputs(sampling, field("block_tables"))
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """The whole packed step: the SeqLayout section, then per-token fields and the chunk count."""
+
+    tokens: int  # T bucket
+    seq: SeqLayout
+    pages_per_chunk: int
+    num_slots: int  # padding tokens write to this (out-of-range) slot
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: (self.tokens,) for name in _TOKEN_FIELDS} | {"num_chunks": ()}
+
+    @cached_property
+    def offsets(self) -> dict[str, int]:
+        return {name: at + self.seq.size for name, at in _layout_offsets(self.shapes).items()}
+
+    @property
+    def size(self) -> int:
+        return self.offsets["_end"]
+
+    def pack(self, batch: StepBatch) -> np.ndarray:
+        buf = np.zeros(self.size, np.int32)
+        self.seq.pack(buf, batch)
+
+        def field(name: str) -> np.ndarray:
+            return _view(buf, self.shapes, self.offsets, name)
+
+        t, s = batch.num_tokens, batch.num_seqs
+        new_per_seq = np.diff(batch.query_start)
+        seq_ids = np.repeat(np.arange(s, dtype=np.int32), new_per_seq)
+        cached = (batch.context_lens - new_per_seq).astype(np.int32)
+        field("input_ids")[:t] = batch.input_ids
+        field("positions")[:t] = batch.positions
+        field("slot_mapping")[:] = self.num_slots
+        field("slot_mapping")[:t] = batch.slot_mapping
+        field("seq_ids")[:] = -1
+        field("seq_ids")[:t] = seq_ids
+        field("cached_lens")[:t] = cached[seq_ids]
+        chunk = self.seq.block_size * self.pages_per_chunk
+        field("num_chunks")[...] = -(-int(cached.max(initial=0)) // chunk)
+        return buf
+
+    def unpack(self, packed: jax.Array) -> StepInputs:
+        def field(name: str) -> jax.Array:
+            return _view(packed, self.shapes, self.offsets, name)
+
+        seq_section = packed[: self.seq.size]
+        seq = self.seq
+        tables = _view(seq_section, seq.shapes, seq.offsets, "block_tables")
+        seq_ids = field("seq_ids")
+        attn = AttentionMetadata(
+            positions=field("positions"),
+            seq_ids=seq_ids,
+            cached_lens=field("cached_lens"),
+            block_tables=tables[jnp.maximum(seq_ids, 0)],
+            num_chunks=field("num_chunks"),
+            block_size=seq.block_size,
+            pages_per_chunk=self.pages_per_chunk,
+        )
+        logits_indices = _view(seq_section, seq.shapes, seq.offsets, "logits_indices")
+        forward = ForwardInputs(field("input_ids"), field("slot_mapping"), logits_indices, attn)
+        return StepInputs(forward, seq_section)

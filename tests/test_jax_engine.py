@@ -1,0 +1,181 @@
+"""The JAX backend through the engine, `LLM(model_dir, backend="jax")`, against transformers."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from hf_models import load_reference, reference_greedy, reference_logits, tiny_model_dirs  # noqa: E402
+from nanovllm_jax import LLM, SamplingParams  # noqa: E402
+from backends.sampler import apply_penalties, log_softmax  # noqa: E402
+
+NEW_TOKENS = 32
+BASE = dict(max_num_seqs=8, max_num_batched_tokens=128)  # a small bucket set keeps warm-up short
+SETTINGS = {
+    "default": {},
+    "no_prefix_cache": dict(enable_prefix_caching=False),
+    "preemption": dict(num_kvcache_blocks=14),
+    "chunked": dict(max_num_batched_tokens=16),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    return tiny_model_dirs(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def xla_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+_engines: dict = {}
+
+
+def engine(model_dirs, xla_cache, name: str, setting: str) -> LLM:
+    """One LLM per (model, setting) for the whole session."""
+    key = (name, setting)
+    if key not in _engines:
+        kwargs = BASE | SETTINGS[setting]
+        _engines[key] = LLM(str(model_dirs[name]), backend="jax", compilation_cache_dir=xla_cache, **kwargs)
+    return _engines[key]
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    rng = np.random.default_rng(3)
+    shared = rng.integers(2, 1024, size=34).tolist()  # two prompts share two full blocks and more
+    out = [rng.integers(2, 1024, size=n).tolist() for n in (3, 9, 17, 25)]
+    return out + [shared + [11, 12, 13], shared + [21, 22, 23, 24, 25, 26, 27, 28]]
+
+
+_greedy_refs: dict = {}
+
+
+def greedy_reference(model_dirs, name, prompts):
+    if name not in _greedy_refs:
+        ref = load_reference(model_dirs[name])
+        _greedy_refs[name] = [reference_greedy(ref, p, NEW_TOKENS) for p in prompts]
+    return _greedy_refs[name]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.mark.parametrize("name,setting", [
+    ("qwen3", "default"), ("qwen3", "no_prefix_cache"), ("qwen3", "preemption"), ("qwen3", "chunked"),
+    ("qwen2", "default"), ("llama3", "default"),
+])
+def test_greedy_tokens_match_transformers(model_dirs, xla_cache, prompts, name, setting):
+    llm = engine(model_dirs, xla_cache, name, setting)
+    expected = greedy_reference(model_dirs, name, prompts)
+    preemptions = llm.engine.scheduler.num_preemptions
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out, exp in zip(prompts, outputs, expected):
+        assert out.token_ids == exp, (len(prompt), out.token_ids, exp)
+    if setting == "preemption":
+        assert llm.engine.scheduler.num_preemptions > preemptions
+    if setting == "default":  # the last prompt reuses the shared prefix's cached blocks
+        outputs = llm.generate(prompts[-1:], GREEDY, use_tqdm=False)
+        assert outputs[0].num_cached_tokens >= 32 and outputs[0].token_ids == expected[-1]
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(model_dirs, xla_cache, prompts):
+    llm = engine(model_dirs, xla_cache, "qwen3", "default")
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([prompts[2]], params, use_tqdm=False)[0].token_ids
+    others = [SamplingParams(temperature=0.7, seed=s, max_tokens=s, ignore_eos=True) for s in (5, 9, 12)]
+    mixed = llm.generate([prompts[0], prompts[2], prompts[4], prompts[1]], [others[0], params, others[1], others[2]],
+                         use_tqdm=False)
+    assert mixed[1].token_ids == alone
+    other_seed = llm.generate([prompts[2]], SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99,
+                                                          max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert other_seed[0].token_ids != alone
+
+
+def test_top_k_one_equals_greedy(model_dirs, xla_cache, prompts):
+    llm = engine(model_dirs, xla_cache, "qwen3", "default")
+    expected = greedy_reference(model_dirs, "qwen3", prompts)
+    params = SamplingParams(temperature=1.0, top_k=1, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outputs] == expected
+
+
+def test_logprobs_match_reference_log_softmax(model_dirs, xla_cache, prompts):
+    llm = engine(model_dirs, xla_cache, "qwen3", "default")
+    ref = load_reference(model_dirs["qwen3"])
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=6, logprobs=4, ignore_eos=True)
+    out = llm.generate([prompts[3]], params, use_tqdm=False)[0]
+    logits = reference_logits(ref, prompts[3] + out.token_ids)
+    for step, lp in enumerate(out.logprobs):
+        expected = log_softmax(logits[len(prompts[3]) - 1 + step].astype(np.float64))
+        assert lp.token_id == out.token_ids[step]
+        assert abs(lp.logprob - expected[lp.token_id]) < 1e-4
+        top = np.argsort(-expected, kind="stable")[:4]
+        assert list(lp.top) == top.tolist()
+        np.testing.assert_allclose(list(lp.top.values()), expected[top], atol=1e-4)
+        assert sum(np.exp(list(lp.top.values()))) <= 1.0 + 1e-5
+
+
+def test_penalties_match_reference(model_dirs, xla_cache, prompts):
+    """Greedy under repetition / presence / frequency penalties, against transformers logits
+    penalized by the numpy reference step by step."""
+    llm = engine(model_dirs, xla_cache, "qwen3", "default")
+    ref = load_reference(model_dirs["qwen3"])
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, repetition_penalty=1.8,
+                            presence_penalty=0.6, frequency_penalty=0.9)
+    prompt = prompts[1] + prompts[1][:4]  # repeats, so the repetition penalty bites on the prompt
+    out = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+    from nanovllm_jax.runner import SamplingBatch
+
+    sb = SamplingBatch(
+        temperature=np.zeros(1, np.float32), top_k=np.zeros(1, np.int32), top_p=np.ones(1, np.float32),
+        min_p=np.zeros(1, np.float32), seeds=np.zeros(1, np.uint32), repetition_penalty=np.array([1.8], np.float32),
+        presence_penalty=np.array([0.6], np.float32), frequency_penalty=np.array([0.9], np.float32),
+        prompt_lens=np.array([len(prompt)], np.int32), banned_token_ids=np.full((1, 1), -1, np.int32), num_logprobs=0,
+    )
+    context = list(prompt)
+    for _ in range(8):
+        logits = reference_logits(ref, context)[-1:]
+        context.append(int(np.argmax(apply_penalties(logits, sb, [np.array(context)]))))
+    assert out == context[len(prompt):]
+
+
+class CompileCounter:
+    """Counts jaxpr traces and XLA compilations reported through jax.monitoring."""
+
+    def __init__(self):
+        from jax._src.dispatch import BACKEND_COMPILE_EVENT, JAXPR_TRACE_EVENT
+
+        self.events = (BACKEND_COMPILE_EVENT, JAXPR_TRACE_EVENT)
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event in self.events:
+            self.count += 1
+
+
+def test_no_compilation_after_warmup(model_dirs, xla_cache, prompts):
+    """Varied prompt lengths and batch sizes, preemption, prefix hits, every sampling feature."""
+    llm = engine(model_dirs, xla_cache, "qwen3", "preemption")
+    counter = CompileCounter()
+    jax.jit(lambda x: x * 3)(np.arange(5))  # the counter sees a compilation when one happens
+    assert counter.count > 0
+    counter.count = 0
+    rng = np.random.default_rng(11)
+    preemptions = llm.engine.scheduler.num_preemptions
+    variety = [
+        GREEDY,
+        SamplingParams(temperature=0.9, top_p=0.8, seed=1, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=1.1, top_k=7, min_p=0.05, max_tokens=9, logprobs=3, ignore_eos=True),
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.2, max_tokens=12, min_tokens=3),
+    ]
+    for round_ in range(3):
+        batch = [prompts[i] for i in rng.permutation(len(prompts))[: 2 + 2 * round_]]
+        batch += [rng.integers(2, 1024, size=int(n)).tolist() for n in rng.integers(1, 60, size=round_ + 1)]
+        llm.generate(batch, [variety[i % len(variety)] for i in range(len(batch))], use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > preemptions
+    assert counter.count == 0

@@ -1,0 +1,193 @@
+"""The JAX models and paged attention against transformers (f32, tiny random checkpoints)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from hf_models import load_reference, reference_logits, tiny_model_dirs  # noqa: E402
+from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention  # noqa: E402
+from nanovllm_jax.loader import load_model  # noqa: E402
+from nanovllm_jax.models import ForwardInputs  # noqa: E402
+
+BLOCK = 8
+BLOCKS_PER_SEQ = 8
+PAGES_PER_CHUNK = 2
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    return tiny_model_dirs(tmp_path_factory)
+
+
+class PagedModel:
+    """Drives a model's forward directly: sequence i owns blocks [i * BLOCKS_PER_SEQ, ...)."""
+
+    def __init__(self, model_dir, stacked: bool, num_seqs: int = 3):
+        self.module, self.cfg, self.params = load_model(model_dir, "float32", stacked=stacked)
+        shape = (self.cfg.num_layers, self.cfg.num_kv_heads, num_seqs * BLOCKS_PER_SEQ * BLOCK, self.cfg.head_dim)
+        self.k, self.v = jnp.zeros(shape), jnp.zeros(shape)
+        self.lens = [0] * num_seqs
+        self.forward = jax.jit(self.module.forward, static_argnums=(4,))
+
+    def step(self, chunks: dict[int, list[int]], all_logits: bool = True) -> dict[int, np.ndarray]:
+        """Run new tokens for several sequences in one flat batch; logits for every new token."""
+        ids, pos, slots, seq_ids, cached = [], [], [], [], []
+        for row, (seq, tokens) in enumerate(chunks.items()):
+            p = np.arange(self.lens[seq], self.lens[seq] + len(tokens))
+            ids += tokens
+            pos += p.tolist()
+            slots += (seq * BLOCKS_PER_SEQ * BLOCK + p).tolist()
+            seq_ids += [row] * len(tokens)
+            cached += [self.lens[seq]] * len(tokens)
+            self.lens[seq] += len(tokens)
+        tables = np.stack([seq * BLOCKS_PER_SEQ + np.arange(BLOCKS_PER_SEQ) for seq in chunks])
+        seq_ids = np.array(seq_ids, np.int32)
+        chunk = BLOCK * PAGES_PER_CHUNK
+        meta = AttentionMetadata(
+            positions=jnp.array(pos, jnp.int32), seq_ids=jnp.asarray(seq_ids),
+            cached_lens=jnp.array(cached, jnp.int32), block_tables=jnp.asarray(tables[seq_ids], jnp.int32),
+            num_chunks=jnp.int32(-(-max(cached) // chunk)), block_size=BLOCK, pages_per_chunk=PAGES_PER_CHUNK,
+        )
+        inputs = ForwardInputs(jnp.array(ids, jnp.int32), jnp.array(slots, jnp.int32),
+                               jnp.arange(len(ids), dtype=jnp.int32), meta)
+        logits, self.k, self.v = self.forward(self.params, self.k, self.v, inputs, self.cfg)
+        logits = np.asarray(logits)
+        return {seq: logits[seq_ids == row] for row, seq in enumerate(chunks)}
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("name,stacked", [("qwen3", True), ("qwen2", False), ("llama3", False)])
+def test_prefill_chunked_and_decode_logits_match_transformers(model_dirs, name, stacked):
+    ref = load_reference(model_dirs[name])
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(2, 1024, size=n).tolist() for n in (40, 23, 30)]
+    expected = [reference_logits(ref, s) for s in seqs]
+    model = PagedModel(model_dirs[name], stacked)
+    got = {0: [], 1: [], 2: []}
+    # fresh prefills of two sequences; a chunk with a cached prefix beside a fresh prefill; a
+    # one-token chunk; then decode steps of all three together (T == S).
+    plan = [{0: 17, 1: 20}, {0: 20, 2: 27}, {1: 1}, {0: 1, 1: 1, 2: 1}, {0: 1, 1: 1, 2: 1}, {0: 1, 2: 1}]
+    cursor = [0, 0, 0]
+    for counts in plan:
+        step = {}
+        for seq, n in counts.items():
+            step[seq] = seqs[seq][cursor[seq]: cursor[seq] + n]
+            cursor[seq] += n
+        for seq, logits in model.step(step).items():
+            got[seq].append(logits)
+    for seq in range(3):
+        logits = np.concatenate(got[seq])
+        assert logits.shape == expected[seq].shape
+        assert rel_err(logits, expected[seq]) < 1e-4, (name, seq)
+        decode_rows = slice(-2, None)  # single-token decode steps
+        assert rel_err(logits[decode_rows], expected[seq][decode_rows]) < 1e-4
+
+
+def naive_attention(q, k, v, seq_ids, pos, scale, window=None, softcap=None):
+    """Dense reference: token t sees tokens of its own sequence at positions <= its own."""
+    kv = k.shape[1]
+    g = q.shape[1] // kv
+    k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    s = np.einsum("thd,chd->htc", q, k) * scale
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    mask = (seq_ids[:, None] == seq_ids[None, :]) & (pos[None, :] <= pos[:, None])
+    if window:
+        mask &= pos[:, None] - pos[None, :] < window
+    s = np.where(mask[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("htc,chd->thd", p, v)
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 3.0), (7, 2.0)])
+def test_paged_attention_matches_dense_reference(window, softcap):
+    """Two sequences with cached prefixes in scattered blocks, plus padding tokens; GQA 4:2."""
+    rng = np.random.default_rng(0)
+    h, kv, d, bs, nb = 4, 2, 8, 4, 16
+    lens, new = [13, 6], [3, 1]  # total context per sequence, new tokens this step
+    tables = np.array([[5, 2, 9, 12], [7, 0, 3, 1]])
+    k_all, v_all = rng.standard_normal((2, sum(lens), kv, d)).astype(np.float32)
+    q_all = rng.standard_normal((sum(lens), h, d)).astype(np.float32)
+    seq_of = np.repeat([0, 1], lens)
+    pos_of = np.concatenate([np.arange(n) for n in lens])
+    k_cache = np.zeros((1, kv, nb * bs, d), np.float32)
+    v_cache = np.zeros_like(k_cache)
+    slots = tables[seq_of, pos_of // bs] * bs + pos_of % bs
+    k_cache[0][:, slots] = k_all.transpose(1, 0, 2)
+    v_cache[0][:, slots] = v_all.transpose(1, 0, 2)
+    is_new = np.concatenate([np.arange(n) >= n - m for n, m in zip(lens, new)])
+    pad = 2
+    q = np.concatenate([q_all[is_new], np.zeros((pad, h, d), np.float32)])
+    k_new = np.concatenate([k_all[is_new], np.zeros((pad, kv, d), np.float32)])
+    v_new = np.concatenate([v_all[is_new], np.zeros((pad, kv, d), np.float32)])
+    seq_ids = np.concatenate([seq_of[is_new], [-1] * pad]).astype(np.int32)
+    positions = np.concatenate([pos_of[is_new], [0] * pad]).astype(np.int32)
+    cached = np.array([lens[s] - new[s] if s >= 0 else 0 for s in seq_ids], np.int32)
+    meta = AttentionMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(cached),
+                             jnp.asarray(tables[np.maximum(seq_ids, 0)], jnp.int32), jnp.int32(2), bs, 2)
+    out = paged_attention(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_cache),
+                          jnp.asarray(v_cache), meta, scale=0.3, layer=0, sliding_window=window, softcap=softcap)
+    expected = naive_attention(q_all, k_all, v_all, seq_of, pos_of, 0.3, window, softcap)[is_new]
+    np.testing.assert_allclose(np.asarray(out)[: is_new.sum()], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loader_errors_name_the_problem(model_dirs, tmp_path):
+    src = model_dirs["qwen2"]
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    bad_arch = copy("arch")
+    config = json.loads((bad_arch / "config.json").read_text())
+    (bad_arch / "config.json").write_text(json.dumps(config | {"architectures": ["FooForCausalLM"]}))
+    with pytest.raises(ValueError, match="FooForCausalLM"):
+        load_model(bad_arch)
+
+    bad_shape = copy("shape")
+    (bad_shape / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*shape"):
+        load_model(bad_shape)
+
+    from safetensors.numpy import load_file, save_file
+
+    missing = copy("missing")
+    tensors = load_file(missing / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, missing / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias"):
+        load_model(missing)
+
+
+def test_loads_sharded_checkpoint_in_bfloat16(model_dirs, tmp_path):
+    """Several safetensors files behind an index; weights arrive as bf16 device arrays."""
+    from safetensors.numpy import load_file, save_file
+
+    src = model_dirs["llama3"]
+    dst = tmp_path / "sharded"
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, dst / fname)
+        weight_map |= {n: fname for n in part}
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _, cfg, params = load_model(dst, "bfloat16")
+    assert params["embed"].dtype == jnp.bfloat16 and params["rope_inv_freq"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(params["embed"], np.float32), tensors["model.embed_tokens.weight"],
+                               rtol=1e-2, atol=1e-2)
