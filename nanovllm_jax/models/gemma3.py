@@ -1,0 +1,255 @@
+"""Gemma 3 (text) as one pure function over a params pytree.
+
+Differences from the Llama family: embeddings scaled by sqrt(hidden); four (1 + w) RMSNorms per layer
+(the attention and MLP outputs are normalized before their residual adds); q/k RMSNorm; GeGLU with
+the tanh gelu; attention scale query_pre_attn_scalar ** -0.5; and two kinds of layers (sliding-window
+attention with a local RoPE base, full attention with the global base and its scaling). The kind is
+per-layer data (a window and a RoPE-table index scanned alongside the weights), so one compiled
+layer body serves all layers under lax.scan; unrolled (per-layer params, the fast form on XLA:CPU, see
+llama.py) it is static. The KV cache is a carry that each layer scatters its new K/V into in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanovllm_jax.layers.attention import paged_attention
+from nanovllm_jax.layers.norm import rms_norm
+from nanovllm_jax.layers.rope import apply_rope, rope_inv_freq
+from nanovllm_jax.models import ForwardInputs
+from nanovllm_jax.models.llama import write_kv
+
+ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+
+NO_WINDOW = 1 << 30  # the window of full-attention layers: longer than any context
+_GELU = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": True, "gelu": False}  # -> tanh approximation?
+
+
+@dataclass(frozen=True)
+class Gemma3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    sliding_window: int | None
+    sliding_layers: tuple[bool, ...]  # per layer: sliding (local) attention, else full (global)
+    rope_local: tuple  # sorted rope-parameter items (rope_theta included), hashable for a jit static
+    rope_global: tuple
+    query_pre_attn_scalar: float
+    final_logit_softcapping: float | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    gelu_tanh: bool
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+# transformers' Gemma3TextConfig defaults: multimodal checkpoints often store only the overrides.
+_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, max_position_embeddings=131_072,
+    query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6, rope_theta=1_000_000.0,
+    rope_local_base_freq=10_000.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+)
+
+
+def parse_config(hf: dict) -> Gemma3Config:
+    """Read an HF config.json dict: Gemma3ForCausalLM, or the text part of Gemma3ForConditionalGeneration;
+    transformers 4.x (rope_theta, rope_local_base_freq, rope_scaling) or 5.x (rope_parameters per layer type)."""
+    multimodal = "text_config" in hf
+    tie = hf.get("tie_word_embeddings", hf.get("text_config", {}).get("tie_word_embeddings", True))
+    hf = {**_DEFAULTS, **hf.get("text_config", hf)}
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("config field use_bidirectional_attention=true is unsupported (decoder-only serving)")
+    act = hf.get("hidden_activation") or hf.get("hidden_act")
+    if act not in _GELU:
+        raise ValueError(f"config field hidden_activation={act!r} is unsupported (supported: {', '.join(_GELU)})")
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if types is None:  # 4.x: every `sliding_window_pattern`-th layer is global
+        pattern = hf["sliding_window_pattern"]
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"config field layer_types={types!r} does not list {n} sliding/full_attention layers")
+
+    rope = hf.get("rope_parameters") or {}
+    if "full_attention" in rope or "sliding_attention" in rope:  # 5.x: one dict per layer type
+        rope_global = dict(rope.get("full_attention") or {})
+        rope_local = dict(rope.get("sliding_attention") or {})
+    else:  # 4.x: scaling applies to the global layers only
+        rope_global = dict(hf.get("rope_scaling") or rope)
+        rope_local = {}
+    rope_global.setdefault("rope_theta", hf["rope_theta"])
+    rope_local.setdefault("rope_theta", hf["rope_local_base_freq"])
+    for params in (rope_global, rope_local):
+        params.setdefault("rope_type", params.pop("type", "default"))  # 4.x spelled it "type"
+        rope_inv_freq(2, params["rope_theta"], params)  # fail on an unsupported type now, not at load
+
+    # attn_logit_softcapping is ignored, as transformers does: Gemma 3 replaced Gemma 2's attention
+    # soft cap with the q/k norms, and its configs carry the field only for compatibility. Likewise
+    # transformers' Gemma3ForConditionalGeneration never applies final_logit_softcapping (null in every
+    # released Gemma 3 anyway).
+    heads = hf["num_attention_heads"]
+    return Gemma3Config(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=n,
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=float(hf["rms_norm_eps"]),
+        max_position_embeddings=hf["max_position_embeddings"],
+        sliding_window=hf.get("sliding_window"),
+        sliding_layers=tuple(t == "sliding_attention" for t in types),
+        rope_local=tuple(sorted(rope_local.items())),
+        rope_global=tuple(sorted(rope_global.items())),
+        query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
+        final_logit_softcapping=None if multimodal else hf.get("final_logit_softcapping"),
+        tie_word_embeddings=bool(tie),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        gelu_tanh=_GELU[act],
+    )
+
+
+# ---- weights: HF names -> params pytree, in this one place -----------------------------------
+
+GetTensor = Callable[[str, tuple], np.ndarray]  # (hf name, expected HF shape) -> array in target dtype
+
+# Where the decoder lives: Gemma3ForCausalLM, Gemma3ForConditionalGeneration (transformers 5.x / 4.x save).
+_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+_LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -> dict:
+    """Host (numpy) params: linear weights as [in, out], per-layer tensors stacked on axis 0, q/k/v and
+    gate/up fused. Norm weights stay as stored (HF's w of 1 + w): the 1 is added in f32 in the forward."""
+    prefix = next((p for p in _PREFIXES if has(p + "embed_tokens.weight")), None)
+    if prefix is None:
+        raise ValueError(f"no Gemma 3 embedding table in the checkpoint (looked for "
+                         f"{', '.join(p + 'embed_tokens.weight' for p in _PREFIXES)})")
+    h, i, q, kv, d = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size, cfg.head_dim
+
+    def stack(fn) -> np.ndarray:
+        return np.stack([fn(f"{prefix}layers.{n}.") for n in range(cfg.num_layers)])
+
+    def linear(name: str, out: int, inp: int) -> np.ndarray:
+        return get(name, (out, inp)).T
+
+    layers = {
+        "attn_norm": stack(lambda p: get(p + "input_layernorm.weight", (h,))),
+        "attn_post_norm": stack(lambda p: get(p + "post_attention_layernorm.weight", (h,))),
+        "mlp_norm": stack(lambda p: get(p + "pre_feedforward_layernorm.weight", (h,))),
+        "mlp_post_norm": stack(lambda p: get(p + "post_feedforward_layernorm.weight", (h,))),
+        "q_norm": stack(lambda p: get(p + "self_attn.q_norm.weight", (d,))),
+        "k_norm": stack(lambda p: get(p + "self_attn.k_norm.weight", (d,))),
+        "w_qkv": stack(lambda p: np.concatenate([
+            linear(p + "self_attn.q_proj.weight", q, h),
+            linear(p + "self_attn.k_proj.weight", kv, h),
+            linear(p + "self_attn.v_proj.weight", kv, h)], axis=1)),
+        "w_o": stack(lambda p: linear(p + "self_attn.o_proj.weight", h, q)),
+        "w_gate_up": stack(lambda p: np.concatenate([
+            linear(p + "mlp.gate_proj.weight", i, h), linear(p + "mlp.up_proj.weight", i, h)], axis=1)),
+        "w_down": stack(lambda p: linear(p + "mlp.down_proj.weight", h, i)),
+    }
+    if cfg.attention_bias:
+        layers["b_qkv"] = stack(lambda p: np.concatenate([
+            get(p + "self_attn.q_proj.bias", (q,)), get(p + "self_attn.k_proj.bias", (kv,)),
+            get(p + "self_attn.v_proj.bias", (kv,))]))
+        layers["b_o"] = stack(lambda p: get(p + "self_attn.o_proj.bias", (h,)))
+    params = {
+        "embed": get(prefix + "embed_tokens.weight", (cfg.vocab_size, h)),
+        "norm": get(prefix + "norm.weight", (h,)),
+        "layers": layers,
+        # [2, head_dim / 2]: row 0 local (sliding layers), row 1 global; kept f32 by the loader ("rope*").
+        "rope_inv_freq": np.stack([rope_inv_freq(d, float(dict(r)["rope_theta"]), dict(r))
+                                   for r in (cfg.rope_local, cfg.rope_global)]),
+    }
+    if not cfg.tie_word_embeddings:
+        head = next((name for name in _LM_HEADS if has(name)), _LM_HEADS[0])
+        params["lm_head"] = get(head, (cfg.vocab_size, h)).T
+    return params
+
+
+# ---- the forward pass ------------------------------------------------------------------------
+
+def _norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: scale by (1 + w), with the 1 added in f32 (exact even for bf16 weights)."""
+    return rms_norm(x, 1.0 + w.astype(jnp.float32), eps)
+
+
+def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: ForwardInputs, cfg: Gemma3Config):
+    """Run T new tokens; returns (f32 logits[S, vocab] at logits_indices, k_cache, v_cache)."""
+    embed = params["embed"]
+    # HF multiplies by sqrt(hidden) cast to the weight dtype (55.4256 becomes 55.5 in bf16).
+    x = embed[inputs.input_ids] * jnp.asarray(cfg.hidden_size ** 0.5, embed.dtype)
+    meta = inputs.attn
+    t = x.shape[0]
+    eps = cfg.rms_norm_eps
+    scale = cfg.query_pre_attn_scalar ** -0.5
+
+    def layer_step(carry, layer_in):
+        x, k_cache, v_cache = carry
+        w, (layer, window, rope_row) = layer_in
+        h = _norm(x, w["attn_norm"], eps)
+        qkv = h @ w["w_qkv"]
+        if cfg.attention_bias:
+            qkv = qkv + w["b_qkv"]
+        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+        q = _norm(q.reshape(t, cfg.num_heads, cfg.head_dim), w["q_norm"], eps)
+        k = _norm(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), w["k_norm"], eps)
+        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        inv_freq = params["rope_inv_freq"][rope_row]
+        q = apply_rope(q, meta.positions, inv_freq)
+        k = apply_rope(k, meta.positions, inv_freq)
+        k_cache, v_cache = write_kv(k_cache, v_cache, layer, inputs.slot_mapping, k, v)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer, sliding_window=window)
+        o = o.reshape(t, cfg.q_size) @ w["w_o"]
+        if cfg.attention_bias:
+            o = o + w["b_o"]
+        x = x + _norm(o, w["attn_post_norm"], eps)
+        h = _norm(x, w["mlp_norm"], eps)
+        gate, up = jnp.split(h @ w["w_gate_up"], 2, axis=-1)
+        h = (jax.nn.gelu(gate, approximate=cfg.gelu_tanh) * up) @ w["w_down"]
+        x = x + _norm(h, w["mlp_post_norm"], eps)
+        return (x, k_cache, v_cache), None
+
+    carry = (x, k_cache, v_cache)
+    window = cfg.sliding_window
+    if isinstance(params["layers"], (list, tuple)):  # per-layer arrays, unrolled: the kind is static
+        for i, w in enumerate(params["layers"]):
+            sliding = cfg.sliding_layers[i]
+            carry, _ = layer_step(carry, (w, (jnp.int32(i), window if sliding else None, 0 if sliding else 1)))
+    else:  # stacked on axis 0: lax.scan, the kind is per-layer data so one body serves every layer
+        sliding = np.asarray(cfg.sliding_layers)
+        per_layer = (
+            jnp.arange(cfg.num_layers, dtype=jnp.int32),
+            jnp.asarray(np.where(sliding, window or NO_WINDOW, NO_WINDOW), jnp.int32),
+            jnp.asarray(np.where(sliding, 0, 1), jnp.int32),  # row of rope_inv_freq
+        )
+        carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], per_layer))
+    x, k_cache, v_cache = carry
+    h = _norm(x[inputs.logits_indices], params["norm"], eps)
+    if "lm_head" in params:
+        logits = jnp.dot(h, params["lm_head"], preferred_element_type=jnp.float32)
+    else:  # tied: contract with the embedding table as stored, no transposed copy
+        logits = jnp.einsum("sh,vh->sv", h, embed, preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcapping is not None:
+        cap = cfg.final_logit_softcapping
+        logits = cap * jnp.tanh(logits / cap)
+    return logits, k_cache, v_cache
