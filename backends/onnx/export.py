@@ -1,0 +1,119 @@
+"""HF checkpoint dir → exported ONNX model dir (no torch).
+
+    python -m backends.onnx.export MODEL_DIR OUT_DIR
+
+OUT_DIR gets model.onnx + model.onnx.data (external weights), onnx_metadata.json, and the HF
+config/tokenizer files, so it is itself a model dir that `LLM(OUT_DIR, backend="onnx")` accepts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import xxhash
+
+from backends.onnx.graph import OPSET, build_graph
+from backends.onnx.model_spec import read_spec
+from backends.onnx.weight_writer import WeightWriter
+from backends.onnx.weights import SafetensorsDir
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+METADATA_FILE = "onnx_metadata.json"
+FORMAT_VERSION = 2  # bump when the graph's inputs or outputs change; invalidates cached exports
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+
+
+def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Export the HF checkpoint in `model_dir` to `out_dir`; returns `out_dir`."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    spec = read_spec(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = WeightWriter(out_dir / DATA_FILE)
+    try:
+        model = build_graph(spec, SafetensorsDir(model_dir), writer)
+    finally:
+        writer.close()
+    onnx.save_model(model, out_dir / MODEL_FILE)
+    onnx.checker.check_model(str(out_dir / MODEL_FILE))  # by path: checks the external data too
+    for name in _COPIED:
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out_dir / name)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "opset": OPSET,
+        "dtype": "float32",
+        "inputs": [i.name for i in model.graph.input],
+        "outputs": [o.name for o in model.graph.output],
+        "source": str(model_dir.resolve()),
+        **spec.to_json(),
+    }
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return out_dir
+
+
+def is_exported_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / METADATA_FILE).exists()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NANOVLLM_JAX_ONNX_CACHE", Path.home() / ".cache" / "nanovllm_jax" / "onnx"))
+
+
+def checkpoint_hash(model_dir: str | os.PathLike) -> str:
+    """Content hash of the config and weights: a changed checkpoint never reuses a stale export."""
+    h = xxhash.xxh3_128()
+    h.update(FORMAT_VERSION.to_bytes(4, "little"))
+    model_dir = Path(model_dir)
+    for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_exported(model_dir: str | os.PathLike) -> Path:
+    """An exported dir for `model_dir`: itself if already exported, else the (possibly new) cache entry."""
+    if is_exported_dir(model_dir):
+        return Path(model_dir)
+    target = cache_root() / checkpoint_hash(model_dir)
+    if is_exported_dir(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # export beside the target, then rename: a crash or a concurrent export never leaves half a dir
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    start = time.perf_counter()
+    try:
+        export_model(model_dir, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported {model_dir} to ONNX in {time.perf_counter() - start:.1f}s: {target}")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", help="HF checkpoint dir (config.json + *.safetensors)")
+    parser.add_argument("out_dir", help="where to write the exported model dir")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    out = export_model(args.model_dir, args.out_dir)
+    size = (out / DATA_FILE).stat().st_size / 2**20
+    print(f"wrote {out / MODEL_FILE} (+ {DATA_FILE}, {size:.1f} MiB) in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The shape of a decoder-only model, read from an HF config.json (Llama, Qwen2, Qwen3, Gemma 3 text)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str  # HF model_type
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    rope: dict  # rope_theta, rope_type and the type's parameters (of the full-attention layers)
+    activation: str = "silu"  # MLP gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    attn_scale: float = 0.0  # softmax scale; 0 means 1/sqrt(head_dim)
+    embed_scale: float = 1.0  # Gemma scales embeddings by sqrt(hidden)
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # "full" or "sliding" per layer; empty: all full
+    rope_local: dict | None = None  # RoPE of the sliding layers
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding"
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return "sliding" in self.layer_types
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_spec(model_dir: str | Path) -> ModelSpec:
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"no config.json in {model_dir}")
+    c = json.loads(path.read_text())
+    c = c.get("text_config", c)
+    model_type = c.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"the ONNX exporter supports {', '.join(SUPPORTED_MODEL_TYPES)}; got model_type={model_type!r}")
+    if c.get("use_sliding_window"):
+        raise ValueError("sliding-window attention is supported for Gemma 3 only")
+    num_heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // num_heads
+    extra = _gemma3_fields(c) if model_type == "gemma3_text" else {}
+    if "activation" not in extra and c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"only SwiGLU (hidden_act='silu') is supported for {model_type}, got {c['hidden_act']!r}")
+    return ModelSpec(
+        architecture=model_type,
+        num_layers=c["num_hidden_layers"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_heads=num_heads,
+        num_kv_heads=c.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        vocab_size=c["vocab_size"],
+        max_position_embeddings=c.get("max_position_embeddings", 4096),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        rope=_rope_params(c, extra.pop("rope_parameters", None)),
+        **extra,
+    )
+
+
+def _gemma3_fields(c: dict) -> dict:
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if c.get(cap) is not None:
+            raise ValueError(f"{cap} is not supported by the ONNX exporter")
+    if c.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ValueError(f"unsupported Gemma activation {c['hidden_activation']!r}")
+    layers = c["num_hidden_layers"]
+    # transformers 5 writes rope_parameters per layer type; older configs rope_local_base_freq
+    params = c.get("rope_parameters") or {}
+    full = params.get("full_attention") or {}
+    local = params.get("sliding_attention") or {"rope_type": "default", "rope_theta": c.get("rope_local_base_freq", 10000.0)}
+    types = c.get("layer_types") or [
+        "sliding_attention" if (i + 1) % c.get("sliding_window_pattern", 6) else "full_attention" for i in range(layers)]
+    return {
+        "activation": "gelu_tanh",
+        "attn_scale": float(c.get("query_pre_attn_scalar", 256)) ** -0.5,
+        "embed_scale": float(np.float32(c["hidden_size"] ** 0.5)),
+        "norm_offset": 1.0,
+        "sliding_window": c.get("sliding_window"),
+        "layer_types": tuple("sliding" if t == "sliding_attention" else "full" for t in types),
+        "rope_local": _rope_params({"rope_parameters": local}),
+        "rope_parameters": full or None,
+    }
+
+
+def _rope_params(c: dict, params: dict | None = None) -> dict:
+    # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`
+    params = dict(params or c.get("rope_parameters") or c.get("rope_scaling") or {})
+    params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.pop("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings are not supported by the ONNX exporter")
+    if params["rope_type"] not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope_type {params['rope_type']!r} is not supported (default, linear, llama3)")
+    return params
+
+
+def rope_inv_freq(rope: dict, dim: int) -> np.ndarray:
+    """f32[dim/2] inverse frequencies, computed in f32 the way transformers does."""
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / np.power(np.float32(rope["rope_theta"]), exponent, dtype=np.float32)
+    if rope["rope_type"] == "linear":
+        return (inv_freq / np.float32(rope["factor"])).astype(np.float32)
+    if rope["rope_type"] == "llama3":
+        return _llama3_inv_freq(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, rope: dict) -> np.ndarray:
+    # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between.
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+    smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)

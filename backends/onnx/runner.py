@@ -1,0 +1,115 @@
+"""OnnxRunner: the exported decoder on onnxruntime behind the engine's runner protocol.
+
+The runner owns the paged KV cache as two numpy arrays [layers, kv_heads, blocks, block_size, head_dim] that
+onnxruntime reads in place (bound once as OrtValues). Each step the graph returns only this step's
+K/V rows, which the runner scatters at slot_mapping; a token-id cache beside them feeds the penalties.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from backends.onnx.export import DATA_FILE, FORMAT_VERSION, METADATA_FILE, MODEL_FILE, ensure_exported
+from backends.onnx.step_inputs import pack_group, row_groups, token_rows
+from backends.sampler import sample
+from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.runner import StepBatch, StepOutput
+
+DEFAULT_KV_CACHE_BYTES = 512 * 2**20
+
+
+class OnnxRunner:
+    def __init__(self, config: EngineConfig):
+        if config.dtype not in (None, "float32"):
+            raise ValueError(f"the onnx backend runs float32 only, got dtype={config.dtype!r}")
+        model_dir = ensure_exported(config.model)
+        self.meta = _read_metadata(model_dir)
+        config.finalize(self.meta["max_position_embeddings"])
+        self.session = _open_session(model_dir / MODEL_FILE)
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.block_size = config.kvcache_block_size
+        self.group_size = self.meta["num_heads"] // self.meta["num_kv_heads"]
+        self.sliding_window = self.meta["sliding_window"] if "attn_bias_local" in self.meta["inputs"] else None
+        self.num_kvcache_blocks = self._num_blocks(config)
+
+        m = self.meta
+        # head-major and block-major, so that one block of one head is a contiguous [bs, D] run
+        shape = (m["num_layers"], m["num_kv_heads"], self.num_kvcache_blocks, self.block_size, m["head_dim"])
+        self.k_cache = np.zeros(shape, dtype=np.float32)
+        self.v_cache = np.zeros(shape, dtype=np.float32)
+        self.token_cache = np.full(self.num_kvcache_blocks * self.block_size, -1, dtype=np.int32)
+        # wrap, not copy: the graph reads the very buffers the runner writes into
+        self._cache_values = {
+            "k_cache": ort.OrtValue.ortvalue_from_numpy(self.k_cache),
+            "v_cache": ort.OrtValue.ortvalue_from_numpy(self.v_cache),
+        }
+
+    def _num_blocks(self, config: EngineConfig) -> int:
+        if config.num_kvcache_blocks is not None:
+            return config.num_kvcache_blocks
+        m = self.meta
+        block_bytes = 2 * m["num_layers"] * self.block_size * m["num_kv_heads"] * m["head_dim"] * 4
+        budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES
+        # more blocks than every running sequence at full length can use would only idle
+        return max(1, min(budget // block_bytes, config.max_num_seqs * config.max_blocks_per_seq))
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        logits = np.empty((batch.num_seqs, self.vocab_size), dtype=np.float32)
+        for rows in row_groups(batch):
+            logits[rows] = self._run_group(batch, rows)
+        self.token_cache[batch.slot_mapping] = batch.input_ids
+        contexts = self._contexts(batch) if batch.sampling.needs_penalties else None
+        return sample(logits, batch.sampling, batch.context_lens, contexts)
+
+    def _run_group(self, batch: StepBatch, rows: np.ndarray) -> np.ndarray:
+        inputs = pack_group(batch, rows, self.block_size, self.group_size, self.sliding_window)
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in self._cache_values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in ("logits", "new_k", "new_v"):
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        logits, new_k, new_v = (v.numpy() for v in binding.get_outputs())
+        blocks, offsets = np.divmod(batch.slot_mapping[token_rows(batch, rows)], self.block_size)
+        self.k_cache[:, :, blocks, offsets] = new_k.transpose(0, 2, 1, 3)  # [L, T, KVH, D] -> [L, KVH, T, D]
+        self.v_cache[:, :, blocks, offsets] = new_v.transpose(0, 2, 1, 3)
+        return logits
+
+    def _contexts(self, batch: StepBatch) -> list[np.ndarray]:
+        contexts = []
+        for s in range(batch.num_seqs):
+            pos = np.arange(int(batch.context_lens[s]))
+            slots = batch.block_tables[s][pos // self.block_size] * self.block_size + pos % self.block_size
+            contexts.append(self.token_cache[slots])
+        return contexts
+
+
+def _read_metadata(model_dir: Path) -> dict:
+    path = model_dir / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read ONNX metadata {path}: {e}") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is format {meta.get('format_version')}, this runner reads {FORMAT_VERSION}; re-export")
+    return meta
+
+
+def _open_session(path: Path) -> ort.InferenceSession:
+    if not path.exists():
+        raise ValueError(f"ONNX model file {path} is missing; re-export the model dir")
+    if not path.with_name(DATA_FILE).exists():
+        raise ValueError(f"ONNX weight file {path.with_name(DATA_FILE)} is missing; re-export the model dir")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(os.environ.get("NANOVLLM_JAX_ONNX_THREADS", 0))  # 0: all cores
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a bad file
+        raise ValueError(f"cannot load ONNX model file {path} (corrupt? re-export it): {e}") from e

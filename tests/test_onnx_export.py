@@ -1,0 +1,116 @@
+"""The torch-free exporter: CLI, a checker-valid model with external data, a reusable model dir,
+a reload in a fresh process, and clear errors for a missing or corrupt .onnx file."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from backends.onnx.export import DATA_FILE, METADATA_FILE, MODEL_FILE
+from nanovllm_jax import LLM, SamplingParams
+from onnx_fixtures import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [[5, 6, 7, 8, 9], list(range(100, 140))]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+# run in a fresh interpreter: prints the greedy tokens of PROMPTS as JSON
+RELOAD = """
+import json, sys
+from nanovllm_jax import LLM, SamplingParams
+llm = LLM(sys.argv[1], backend="onnx", max_model_len=128)
+outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+print(json.dumps([o.token_ids for o in outs]))
+"""
+
+# the CLI, asserting that exporting never imported torch
+EXPORT = """
+import sys
+from backends.onnx.export import main
+sys.argv = ["export", sys.argv[1], sys.argv[2]]
+main()
+assert "torch" not in sys.modules, "the exporter imported torch"
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    model_dir = build_tiny_model("qwen3", tmp_path_factory.mktemp("hf"))
+    out = tmp_path_factory.mktemp("exported") / "qwen3-onnx"
+    proc = subprocess.run([sys.executable, "-c", EXPORT, str(model_dir), str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_export_writes_a_checked_model_dir(exported):
+    assert {MODEL_FILE, DATA_FILE, METADATA_FILE, "config.json", "tokenizer.json"} <= {p.name for p in exported.iterdir()}
+    onnx.checker.check_model(str(exported / MODEL_FILE))
+    model = onnx.load(str(exported / MODEL_FILE), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer if t.name.startswith("layers"))
+    assert (exported / MODEL_FILE).stat().st_size < 100_000  # the weights live in the data file
+    meta = json.loads((exported / METADATA_FILE).read_text())
+    assert meta["architecture"] == "qwen3" and meta["num_layers"] == 2 and meta["num_kv_heads"] == 2
+    assert meta["head_dim"] == 32 and meta["vocab_size"] == 1024 and meta["dtype"] == "float32"
+    assert meta["max_position_embeddings"] == 512
+
+
+def test_reload_in_fresh_process(exported):
+    llm = LLM(str(exported), backend="onnx", max_model_len=128)
+    here = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(exported), json.dumps(PROMPTS)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == here
+
+
+def test_missing_onnx_file_names_it(exported, tmp_path):
+    broken = shutil.copytree(exported, tmp_path / "broken")
+    (broken / MODEL_FILE).unlink()
+    with pytest.raises(ValueError, match=r"model\.onnx.*missing"):
+        LLM(str(broken), backend="onnx", max_model_len=128)
+
+
+def test_corrupt_onnx_file_names_it(exported, tmp_path):
+    broken = shutil.copytree(exported, tmp_path / "broken")
+    (broken / MODEL_FILE).write_bytes(b"not an onnx model at all")
+    with pytest.raises(ValueError, match=r"cannot load ONNX model file .*model\.onnx"):
+        LLM(str(broken), backend="onnx", max_model_len=128)
+
+
+def test_truncated_weights_give_a_clear_error(exported, tmp_path):
+    broken = shutil.copytree(exported, tmp_path / "broken")
+    data = broken / DATA_FILE
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model\.onnx"):
+        LLM(str(broken), backend="onnx", max_model_len=128)
+
+
+def test_kv_cache_sized_from_byte_budget(exported):
+    meta = json.loads((exported / METADATA_FILE).read_text())
+    block_bytes = 2 * meta["num_layers"] * 16 * meta["num_kv_heads"] * meta["head_dim"] * 4  # K and V, f32
+    llm = LLM(str(exported), backend="onnx", max_model_len=128, kv_cache_memory_bytes=10 * block_bytes + 5)
+    runner = llm.engine.runner
+    assert runner.num_kvcache_blocks == 10 == llm.engine.block_manager.num_blocks
+    assert runner.k_cache.nbytes + runner.v_cache.nbytes == 10 * block_bytes
+    assert [len(o.token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == [12, 12]
+
+
+def test_bf16_and_f16_weights_widen_exactly(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from backends.onnx.weights import SafetensorsDir
+
+    values = torch.randn(3, 5)
+    save_file({"a": values.to(torch.bfloat16), "b": values.to(torch.float16)}, str(tmp_path / "w.safetensors"))
+    weights = SafetensorsDir(tmp_path)
+    assert (weights.get("a") == values.to(torch.bfloat16).float().numpy()).all()
+    assert (weights.get("b") == values.to(torch.float16).float().numpy()).all()
+    assert weights.get("a").dtype == weights.get("b").dtype == np.float32
