@@ -39,14 +39,15 @@ class AttentionMetadata:
     pages_per_chunk: int  # static
 
 
-def gather_blocks(blocks_cache: jax.Array, layer: jax.Array | int, block_ids: jax.Array) -> jax.Array:
-    """cache[L, KV, NB, bs, D] at (layer, block_ids[T, P]) -> [KV, T, P, bs, D], read straight from the
-    stacked cache (no per-layer slice copy) and laid out for the batched dots."""
+def gather_blocks(cache: jax.Array, layer: jax.Array | int, block_ids: jax.Array, block_size: int) -> jax.Array:
+    """cache[L, KV, slots, D] at (layer, the slots of block_ids[T, P]) -> [KV, T, P, bs, D], read straight
+    from the stacked cache (no per-layer slice copy, no reshaped view whose layout XLA might change
+    with a whole-cache copy) and laid out for the batched dots."""
     layer_ids = jnp.broadcast_to(jnp.asarray(layer, jnp.int32), block_ids.shape)
-    indices = jnp.stack([layer_ids, block_ids], axis=-1)  # [T, P, 2]
-    _, kv, _, bs, d = blocks_cache.shape
-    dims = jax.lax.GatherDimensionNumbers(offset_dims=(0, 3, 4), collapsed_slice_dims=(0, 2), start_index_map=(0, 2))
-    return jax.lax.gather(blocks_cache, indices, dims, slice_sizes=(1, kv, 1, bs, d), mode="clip")
+    indices = jnp.stack([layer_ids, block_ids * block_size], axis=-1)  # [T, P, 2]
+    _, kv, _, d = cache.shape
+    dims = jax.lax.GatherDimensionNumbers(offset_dims=(0, 3, 4), collapsed_slice_dims=(0,), start_index_map=(0, 2))
+    return jax.lax.gather(cache, indices, dims, slice_sizes=(1, kv, block_size, d), mode="clip")
 
 
 def paged_attention(
@@ -94,14 +95,12 @@ def paged_attention(
     # The cached context, a chunk of pages at a time.
     bs, ppc = meta.block_size, meta.pages_per_chunk
     chunk = bs * ppc
-    k_blocks = k_cache.reshape(k_cache.shape[0], kv, -1, bs, d)  # free view: [L, KV, blocks, bs, D]
-    v_blocks = v_cache.reshape(v_cache.shape[0], kv, -1, bs, d)
 
     def visit(j, state):
         m, l, acc = state
         blocks = jax.lax.dynamic_slice_in_dim(meta.block_tables, j * ppc, ppc, axis=1)  # [T, P]
-        keys = gather_blocks(k_blocks, layer, blocks).reshape(kv, t, chunk, d)
-        vals = gather_blocks(v_blocks, layer, blocks).reshape(kv, t, chunk, d)
+        keys = gather_blocks(k_cache, layer, blocks, bs).reshape(kv, t, chunk, d)
+        vals = gather_blocks(v_cache, layer, blocks, bs).reshape(kv, t, chunk, d)
         key_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
         ok = (key_pos[None, :] < meta.cached_lens[:, None]) & in_window(key_pos[None, :])
         s = jnp.where(ok[None, :, None, :], scores(keys, "ktgd,ktcd->ktgc"), MASKED)
