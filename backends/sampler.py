@@ -1,7 +1,8 @@
 """Host-side (numpy) sampler with the same semantics as the JAX on-device sampler.
 
 Order: logprobs from the raw logits; penalties; banned ids; then greedy (temperature 0) or
-temperature, top-k, top-p, min-p and a Gumbel-max draw keyed by (seed, context length).
+temperature, top-k, top-p, min-p and an inverse-CDF draw with a uniform keyed by (seed, context length).
+Top-k/top-p rank only the best CANDIDATES tokens of a row unless its top-k or nucleus needs more.
 """
 from __future__ import annotations
 
@@ -29,27 +30,51 @@ def apply_penalties(logits: np.ndarray, sampling: SamplingBatch, contexts: list[
     return logits
 
 
-def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
-    """Mask (to -inf) tokens outside top-k, the top-p nucleus and the min-p floor of one row."""
-    order = np.argsort(-logits, kind="stable")
-    ranked = logits[order]
-    keep = np.ones_like(ranked, dtype=bool)
+CANDIDATES = 256
+
+
+def _keep_ranked(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Which of the ranked (descending) probabilities survive top-k, top-p and min-p."""
+    keep = np.ones(len(probs), dtype=bool)
     if top_k > 0:
         keep[top_k:] = False
-    probs = np.exp(ranked - ranked[0])
-    probs /= probs.sum()
     if top_p < 1.0:
         # keep a token if the mass strictly before it is below top_p (the top token always stays)
         keep &= (np.cumsum(probs) - probs) < top_p
-    if min_p > 0.0:
-        keep &= probs >= min_p * probs[0]
+    return keep & (probs >= min_p * probs[0])
+
+
+def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float,
+                  candidates: int = CANDIDATES) -> np.ndarray:
+    """Mask (to -inf) tokens outside top-k, the top-p nucleus and the min-p floor of one row;
+    ties keep the lower token id."""
+    unnormalized = np.exp(logits - logits.max())
+    total = unnormalized.sum()
+    if top_k <= 0 and top_p >= 1.0:
+        return np.where(unnormalized >= min_p, logits, -np.inf)
+    k = min(candidates, len(logits))
+    order = np.argpartition(-logits, k - 1)[:k] if k < len(logits) else np.arange(len(logits))
+    order = order[np.lexsort((order, -logits[order]))]  # by value, then lower id first
+    probs = unnormalized[order] / total
+    covered = 0 < top_k <= k or (top_p < 1.0 and probs.sum() >= top_p)
+    if not covered:
+        order = np.argsort(-logits, kind="stable")
+        probs = unnormalized[order] / total
+    kept = order[_keep_ranked(probs, top_k, top_p, min_p)]
     out = np.full_like(logits, -np.inf)
-    out[order[keep]] = logits[order[keep]]
+    out[kept] = logits[kept]
     return out
 
 
-def gumbel_noise(seed: int, context_len: int, vocab: int) -> np.ndarray:
-    return np.random.default_rng([int(seed), int(context_len)]).gumbel(size=vocab).astype(np.float32)
+def draw(logits: np.ndarray, uniform: float) -> int:
+    """A token from softmax(logits) by inverse CDF at `uniform` in [0, 1)."""
+    cumulative = np.cumsum(np.exp(logits - logits.max()), dtype=np.float64)
+    target = min(uniform * cumulative[-1], np.nextafter(cumulative[-1], 0.0))  # never past the last kept token
+    return int(np.searchsorted(cumulative, target, side="right"))
+
+
+def uniform(seed: int, context_len: int) -> float:
+    return float(np.random.default_rng([int(seed), int(context_len)]).random())
 
 
 def sample(
@@ -59,8 +84,7 @@ def sample(
     contexts: list[np.ndarray] | None = None,
 ) -> StepOutput:
     """Sample one token per row of f32 `logits` [S, V]; `contexts` (token ids per row) feed the penalties."""
-    logits = logits.astype(np.float32)
-    raw_logprobs = log_softmax(logits)
+    raw = logits = logits.astype(np.float32)
     if sampling.needs_penalties:
         assert contexts is not None, "penalties need each row's context tokens"
         logits = apply_penalties(logits, sampling, contexts)
@@ -77,17 +101,18 @@ def sample(
         filtered = filter_logits(
             logits[row] / temperature, int(sampling.top_k[row]), float(sampling.top_p[row]), float(sampling.min_p[row])
         )
-        noise = gumbel_noise(sampling.seeds[row], context_lens[row], logits.shape[1])
-        tokens[row] = int(np.argmax(filtered + noise))
+        tokens[row] = draw(filtered, uniform(sampling.seeds[row], context_lens[row]))
 
     if sampling.num_logprobs == 0:
         return StepOutput(token_ids=tokens)
     n = sampling.num_logprobs
-    top = np.argsort(-raw_logprobs, axis=-1, kind="stable")[:, :n].astype(np.int32)
+    raw_logprobs = log_softmax(raw)
+    top = np.argpartition(-raw_logprobs, n - 1, axis=-1)[:, :n] if n < raw.shape[1] else np.tile(np.arange(n), (len(raw), 1))
+    top_lp = np.take_along_axis(raw_logprobs, top, axis=-1)
+    top = np.take_along_axis(top, np.lexsort((top, -top_lp), axis=-1), axis=-1).astype(np.int32)  # by value, then id
     return StepOutput(
         token_ids=tokens,
         logprobs=np.take_along_axis(raw_logprobs, tokens[:, None].astype(np.int64), axis=-1)[:, 0],
         top_token_ids=top,
         top_logprobs=np.take_along_axis(raw_logprobs, top.astype(np.int64), axis=-1),
     )
-

@@ -36,7 +36,6 @@ def device_inputs(sb: SamplingBatch, context_lens: np.ndarray) -> sampler.Sampli
         context_lens=jnp.asarray(context_lens, jnp.int32), banned_token_ids=jnp.asarray(sb.banned_token_ids),
         use_penalties=jnp.int32(sb.needs_penalties), use_logprobs=jnp.int32(sb.num_logprobs > 0),
         use_random=jnp.int32(sampled.any()),
-        use_sort=jnp.int32((sampled & ((sb.top_k > 0) | (sb.top_p < 1))).any()),
     )
 
 
@@ -82,18 +81,51 @@ def test_logprobs_are_raw_log_softmax(data):
     np.testing.assert_allclose(got.top_logprobs[:, :5], expected.top_logprobs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("candidates", [VOCAB, 8])  # 8: top-k 10 and wide nuclei fall back to the sort
 @pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, 0.0), (0, 0.8, 0.0), (0, 1.0, 0.1), (10, 0.9, 0.05), (1, 1.0, 0.0)])
-def test_filters_match_reference(data, top_k, top_p, min_p):
+def test_filters_match_reference(data, top_k, top_p, min_p, candidates):
     logits, _ = data
     s = device_inputs(batch(6, temperature=[1.0] * 6, top_k=[top_k] * 6, top_p=[top_p] * 6, min_p=[min_p] * 6),
                       np.ones(6))
-    filtered = np.asarray(jax.jit(sampler._sort_filter)(jnp.asarray(logits), s))
+    filtered = np.asarray(jax.jit(lambda x, s: sampler.filter_logits(x, s, candidates))(jnp.asarray(logits), s))
     for row in range(6):
         expected = ref.filter_logits(logits[row], top_k, top_p, min_p)
         np.testing.assert_array_equal(np.isfinite(filtered[row]), np.isfinite(expected))
-    if top_k == 0 and top_p == 1.0:
-        cheap = np.asarray(jax.jit(sampler._min_p_filter)(jnp.asarray(logits), s))
-        np.testing.assert_array_equal(np.isfinite(cheap), np.isfinite(filtered))
+        host = ref.filter_logits(logits[row], top_k, top_p, min_p, candidates)  # the reference's own shortcut
+        np.testing.assert_array_equal(host, expected)
+
+
+def test_filters_apply_per_row(data):
+    """Rows with and without ranking filters in one batch each get their own."""
+    logits, _ = data
+    top_k, top_p, min_p = [3, 0, 0, 40, 0, 2], [1.0, 0.5, 1.0, 0.99, 1.0, 0.3], [0.0, 0.0, 0.2, 0.0, 0.0, 0.5]
+    for candidates in (VOCAB, 8):
+        s = device_inputs(batch(6, temperature=[1.0] * 6, top_k=top_k, top_p=top_p, min_p=min_p), np.ones(6))
+        filtered = np.asarray(jax.jit(lambda x, s: sampler.filter_logits(x, s, candidates))(jnp.asarray(logits), s))
+        for row in range(6):
+            expected = ref.filter_logits(logits[row], top_k[row], top_p[row], min_p[row])
+            np.testing.assert_array_equal(np.isfinite(filtered[row]), np.isfinite(expected))
+
+
+def test_draw_follows_the_softmax():
+    """The inverse-CDF draw is a categorical sample: frequencies over many uniforms match the
+    probabilities, and masked (-inf) tokens are never drawn, even at u close to 1."""
+    rng = np.random.default_rng(1)
+    vocab = 300  # not a multiple of the block width: the padded tail must never be drawn
+    logits = rng.standard_normal(vocab).astype(np.float32) * 2
+    logits[rng.choice(vocab, 100, replace=False)] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    n = 100_000
+    uniforms = rng.random((n, 2), dtype=np.float32)
+    uniforms[:50] = np.float32(1) - np.finfo(np.float32).epsneg  # the largest float32 below 1
+    tokens = np.asarray(jax.jit(sampler.draw)(jnp.broadcast_to(jnp.asarray(logits), (n, vocab)), jnp.asarray(uniforms)))
+    assert np.isfinite(logits[tokens]).all()
+    counts = np.bincount(tokens, minlength=vocab)
+    expected = probs * n
+    big = expected > 50
+    # within 5 standard deviations of the binomial count for every token
+    assert (np.abs(counts[big] - expected[big]) < 5 * np.sqrt(expected[big]) + 1).all()
 
 
 def test_seeded_sampling_is_independent_of_batch_composition(data):
