@@ -22,7 +22,7 @@ from nanovllm_jax.runner import StepBatch
 
 _SEQ_INT_FIELDS = ("context_lens", "logits_indices", "prompt_lens", "top_k", "seeds")
 _SEQ_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-_SEQ_FLAGS = ("use_penalties", "use_logprobs", "use_random")
+_SEQ_FLAGS = ("use_penalties", "use_logprobs")
 _TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_ids", "cached_lens")
 
 
@@ -97,7 +97,6 @@ class SeqLayout:
         banned[:s, : sp.banned_token_ids.shape[1]] = sp.banned_token_ids
         field("use_penalties")[...] = sp.needs_penalties
         field("use_logprobs")[...] = sp.num_logprobs > 0
-        field("use_random")[...] = bool((sp.temperature > 0).any())
 
     def unpack(self, packed: jax.Array) -> SamplerInputs:
         def field(name: str) -> jax.Array:
@@ -113,7 +112,6 @@ class SeqLayout:
             frequency_penalty=as_float("frequency_penalty"), prompt_lens=field("prompt_lens"),
             context_lens=field("context_lens"), banned_token_ids=field("banned"),
             use_penalties=field("use_penalties"), use_logprobs=field("use_logprobs"),
-            use_random=field("use_random"),
         )
         return SamplerInputs(sampling, field("block_tables"))
 

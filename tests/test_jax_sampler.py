@@ -27,7 +27,6 @@ def batch(rows: int, **overrides) -> SamplingBatch:
 
 
 def device_inputs(sb: SamplingBatch, context_lens: np.ndarray) -> sampler.SamplingInputs:
-    sampled = sb.temperature > 0
     return sampler.SamplingInputs(
         temperature=jnp.asarray(sb.temperature), top_k=jnp.asarray(sb.top_k), top_p=jnp.asarray(sb.top_p),
         min_p=jnp.asarray(sb.min_p), seeds=jnp.asarray(sb.seeds, jnp.uint32),
@@ -35,7 +34,6 @@ def device_inputs(sb: SamplingBatch, context_lens: np.ndarray) -> sampler.Sampli
         frequency_penalty=jnp.asarray(sb.frequency_penalty), prompt_lens=jnp.asarray(sb.prompt_lens),
         context_lens=jnp.asarray(context_lens, jnp.int32), banned_token_ids=jnp.asarray(sb.banned_token_ids),
         use_penalties=jnp.int32(sb.needs_penalties), use_logprobs=jnp.int32(sb.num_logprobs > 0),
-        use_random=jnp.int32(sampled.any()),
     )
 
 
@@ -87,10 +85,10 @@ def test_filters_match_reference(data, top_k, top_p, min_p, candidates):
     logits, _ = data
     s = device_inputs(batch(6, temperature=[1.0] * 6, top_k=[top_k] * 6, top_p=[top_p] * 6, min_p=[min_p] * 6),
                       np.ones(6))
-    filtered = np.asarray(jax.jit(lambda x, s: sampler.filter_logits(x, s, candidates))(jnp.asarray(logits), s))
+    kept = np.asarray(jax.jit(lambda x, s: sampler.filter_weights(x, s, candidates))(jnp.asarray(logits), s)) > 0
     for row in range(6):
         expected = ref.filter_logits(logits[row], top_k, top_p, min_p)
-        np.testing.assert_array_equal(np.isfinite(filtered[row]), np.isfinite(expected))
+        np.testing.assert_array_equal(kept[row], np.isfinite(expected))
         host = ref.filter_logits(logits[row], top_k, top_p, min_p, candidates)  # the reference's own shortcut
         np.testing.assert_array_equal(host, expected)
 
@@ -101,26 +99,25 @@ def test_filters_apply_per_row(data):
     top_k, top_p, min_p = [3, 0, 0, 40, 0, 2], [1.0, 0.5, 1.0, 0.99, 1.0, 0.3], [0.0, 0.0, 0.2, 0.0, 0.0, 0.5]
     for candidates in (VOCAB, 8):
         s = device_inputs(batch(6, temperature=[1.0] * 6, top_k=top_k, top_p=top_p, min_p=min_p), np.ones(6))
-        filtered = np.asarray(jax.jit(lambda x, s: sampler.filter_logits(x, s, candidates))(jnp.asarray(logits), s))
+        kept = np.asarray(jax.jit(lambda x, s: sampler.filter_weights(x, s, candidates))(jnp.asarray(logits), s)) > 0
         for row in range(6):
             expected = ref.filter_logits(logits[row], top_k[row], top_p[row], min_p[row])
-            np.testing.assert_array_equal(np.isfinite(filtered[row]), np.isfinite(expected))
+            np.testing.assert_array_equal(kept[row], np.isfinite(expected))
 
 
 def test_draw_follows_the_softmax():
     """The inverse-CDF draw is a categorical sample: frequencies over many uniforms match the
-    probabilities, and masked (-inf) tokens are never drawn, even at u close to 1."""
+    weights, and zero-weight tokens are never drawn, even at u close to 1."""
     rng = np.random.default_rng(1)
     vocab = 300  # not a multiple of the block width: the padded tail must never be drawn
-    logits = rng.standard_normal(vocab).astype(np.float32) * 2
-    logits[rng.choice(vocab, 100, replace=False)] = -np.inf
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
+    weights = np.exp(rng.standard_normal(vocab).astype(np.float32) * 2)
+    weights[rng.choice(vocab, 100, replace=False)] = 0
+    probs = weights / weights.sum()
     n = 100_000
     uniforms = rng.random((n, 2), dtype=np.float32)
     uniforms[:50] = np.float32(1) - np.finfo(np.float32).epsneg  # the largest float32 below 1
-    tokens = np.asarray(jax.jit(sampler.draw)(jnp.broadcast_to(jnp.asarray(logits), (n, vocab)), jnp.asarray(uniforms)))
-    assert np.isfinite(logits[tokens]).all()
+    tokens = np.asarray(jax.jit(sampler.draw)(jnp.broadcast_to(jnp.asarray(weights), (n, vocab)), jnp.asarray(uniforms)))
+    assert (weights[tokens] > 0).all()
     counts = np.bincount(tokens, minlength=vocab)
     expected = probs * n
     big = expected > 50

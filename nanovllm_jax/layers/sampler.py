@@ -4,8 +4,8 @@ Order: logprobs from the raw logits; repetition / frequency / presence penalties
 then greedy (temperature 0) or temperature, top-k, top-p, min-p and an inverse-CDF draw with
 uniforms keyed by fold_in(PRNGKey(seed), context_len), so a row samples alike in any batch.
 The costly parts (penalty counts, the top-k/top-p ranking, log_softmax + top-N) sit behind
-lax.cond on step flags computed on the host: a greedy batch without penalties or logprobs pays
-for an argmax only, with one compiled program per bucket.
+lax.cond, on host-computed step flags or on the rows' parameters, with one compiled program per
+bucket. Every cond returns per-row arrays only: XLA copies a vocabulary-sized cond result.
 
 Kept cheap for large vocabularies on CPU (Gemma's 262k): top-k/top-p rank only the best
 CANDIDATES tokens unless a row needs more (a full sort costs ~70 ms per row there), and the
@@ -36,7 +36,6 @@ class SamplingInputs(NamedTuple):
     # step flags (i32 scalars, nonzero = on)
     use_penalties: jax.Array
     use_logprobs: jax.Array
-    use_random: jax.Array  # some row has temperature > 0
 
 
 class SampleOutput(NamedTuple):
@@ -49,19 +48,24 @@ class SampleOutput(NamedTuple):
 ContextFn = Callable[[], tuple[jax.Array, jax.Array]]  # -> (token ids i32[S, W], valid bool[S, W])
 
 
-def apply_penalties(logits: jax.Array, s: SamplingInputs, context: ContextFn) -> jax.Array:
+def penalized_values(logits: jax.Array, s: SamplingInputs, context: ContextFn) -> tuple[jax.Array, jax.Array]:
+    """The penalized logits of each row's context tokens: (token ids [S, W], new values [S, W]).
+
+    Only context tokens change, so these are scattered back into the logits; an id of `vocab` is
+    dropped by that scatter. Repetition applies to every seen token, frequency/presence to outputs."""
     tokens, valid = context()
     rows, width = tokens.shape
     vocab = logits.shape[-1]
     is_output = valid & (jnp.arange(width)[None, :] >= s.prompt_lens[:, None])
     row_ids = jnp.broadcast_to(jnp.arange(rows)[:, None], tokens.shape)
     tokens = jnp.where(valid, tokens, vocab)  # invalid entries fall out of range and are dropped
-    seen = jnp.zeros((rows, vocab), bool).at[row_ids, tokens].set(True, mode="drop")
     counts = jnp.zeros((rows, vocab), jnp.float32).at[row_ids, tokens].add(is_output.astype(jnp.float32), mode="drop")
+    count = jnp.take_along_axis(counts, jnp.minimum(tokens, vocab - 1), axis=-1)
+    value = jnp.take_along_axis(logits, jnp.minimum(tokens, vocab - 1), axis=-1)
     rep = s.repetition_penalty[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    logits = logits - s.frequency_penalty[:, None] * counts
-    return logits - s.presence_penalty[:, None] * (counts > 0)
+    value = jnp.where(value > 0, value / rep, value * rep)
+    value = value - s.frequency_penalty[:, None] * count - s.presence_penalty[:, None] * (count > 0)
+    return tokens, value
 
 
 CANDIDATES = 256  # tokens ranked for top-k/top-p, unless some row's top-k or nucleus needs more
@@ -83,54 +87,67 @@ def argmax(x: jax.Array) -> jax.Array:
     return block * blocks.shape[-1] + jnp.argmax(inside, axis=-1).astype(jnp.int32)
 
 
-def _keep_ranked(probs: jax.Array, s: SamplingInputs) -> jax.Array:
-    """Which of the ranked (descending) probabilities [S, K] survive top-k, top-p and min-p."""
+def _rank_cutoff(values: jax.Array, ids: jax.Array, probs: jax.Array, s: SamplingInputs) -> tuple[jax.Array, jax.Array]:
+    """The last (value, id) that top-k and top-p keep of rows ranked in descending order [S, K].
+    Both keep a prefix of the ranking, so this pair describes the kept set."""
     rank = jnp.arange(probs.shape[-1])[None, :]
     keep = (s.top_k[:, None] <= 0) | (rank < s.top_k[:, None])
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before the token
     keep &= (s.top_p[:, None] >= 1.0) | (before < s.top_p[:, None])
-    return keep & (probs >= s.min_p[:, None] * probs[:, :1])
+    last = jnp.maximum(keep.sum(axis=-1, keepdims=True) - 1, 0)
+    return jnp.take_along_axis(values, last, axis=-1)[:, 0], jnp.take_along_axis(ids, last, axis=-1)[:, 0]
 
 
-def filter_logits(scaled: jax.Array, s: SamplingInputs, candidates: int = CANDIDATES) -> jax.Array:
-    """top-k, top-p and min-p; ties keep the lower token id. Rows without top-k/top-p only pay for
-    min-p; the others rank the best `candidates` tokens, or the whole row (a sort) when some row's
-    top-k exceeds them or its nucleus is not inside them."""
+def filter_weights(scaled: jax.Array, s: SamplingInputs, candidates: int = CANDIDATES) -> jax.Array:
+    """Unnormalized probabilities exp(scaled - max) [S, V], zero outside top-k, the top-p nucleus
+    and the min-p floor; ties keep the lower token id.
+
+    Rows with top-k/top-p get a cutoff (the last kept value and id) from the best `candidates`
+    tokens, or from a sort of the whole row when some row's top-k exceeds them or its nucleus is
+    not inside them. The branches return only the [S] cutoffs: a vocabulary-sized cond output
+    would cost a copy every step."""
     rows, vocab = scaled.shape
     top = scaled.max(axis=-1, keepdims=True)
     unnormalized = jnp.exp(scaled - top)
-    total = unnormalized.sum(axis=-1, keepdims=True)
-    keep = unnormalized >= s.min_p[:, None]  # the top token's unnormalized probability is 1
     ranks = ((s.top_k > 0) | (s.top_p < 1.0)) & (s.temperature > 0)
-    row_ids = jnp.arange(rows)[:, None]
 
-    def ranked(keep):
+    def ranked(_):
+        # summed here, not outside: a second reduction over the exponentials triples the
+        # unranked path's cost on XLA:CPU
+        total = jnp.exp(scaled - top).sum(axis=-1, keepdims=True)
         k = min(candidates, vocab)
         values, ids = jax.lax.top_k(scaled, k)
         probs = jnp.exp(values - top) / total
         covered = ((s.top_k > 0) & (s.top_k <= k)) | ((s.top_p < 1.0) & (probs.sum(axis=-1) >= s.top_p))
 
-        def from_candidates(_):
-            return jnp.zeros((rows, vocab), bool).at[row_ids, ids].set(_keep_ranked(probs, s))
-
         def from_sort(_):
             order = jnp.argsort(-scaled, axis=-1, stable=True)
-            ranked = jnp.exp(jnp.take_along_axis(scaled, order, axis=-1) - top) / total
-            return jnp.zeros((rows, vocab), bool).at[row_ids, order].set(_keep_ranked(ranked, s))
+            values = jnp.take_along_axis(scaled, order, axis=-1)
+            return _rank_cutoff(values, order, jnp.exp(values - top) / total, s)
 
-        ranked_keep = jax.lax.cond(jnp.any(ranks & ~covered), from_sort, from_candidates, None)
-        return jnp.where(ranks[:, None], ranked_keep, keep)
+        return jax.lax.cond(jnp.any(ranks & ~covered), from_sort, lambda _: _rank_cutoff(values, ids, probs, s), None)
 
-    keep = jax.lax.cond(jnp.any(ranks), ranked, lambda keep: keep, keep)
-    return jnp.where(keep, scaled, -jnp.inf)
+    def unranked(_):
+        return jnp.full((rows,), -jnp.inf, scaled.dtype), jnp.full((rows,), vocab, jnp.int32)
+
+    cut_value, cut_id = jax.lax.cond(jnp.any(ranks), ranked, unranked, None)
+    # Compared as exp(value - max) (the same rounding as each token's own weight): XLA:CPU runs this
+    # 3x faster than comparing `scaled` itself, which would be a second vocabulary-sized input.
+    cut = jnp.where(ranks, jnp.exp(cut_value - top[:, 0]), 0.0)[:, None]
+    cut_id = jnp.where(ranks, cut_id, vocab)[:, None]
+    ids = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+    keep = (unnormalized > cut) | ((unnormalized == cut) & (ids <= cut_id))
+    keep &= unnormalized >= s.min_p[:, None]  # the top token's unnormalized probability is 1
+    return jnp.where(keep, unnormalized, 0.0)
 
 
-def draw(logits: jax.Array, uniforms: jax.Array) -> jax.Array:
-    """One token per row from softmax(logits) by inverse CDF, with uniforms [S, 2] in [0, 1).
+def draw(weights: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """One token per row, with probability proportional to weights [S, V] (>= 0, some > 0 per row),
+    by inverse CDF at uniforms [S, 2] in [0, 1).
 
     Two levels keep it O(V) with short cumulative sums: the first uniform picks a block of the
     vocabulary by block mass, the second a token inside that block by its mass there."""
-    probs = _blocks(jnp.exp(logits - logits.max(axis=-1, keepdims=True)), 0.0)
+    blocks = _blocks(weights, 0.0)
 
     def pick(cumulative: jax.Array, u: jax.Array) -> jax.Array:
         total = cumulative[:, -1:]
@@ -138,9 +155,9 @@ def draw(logits: jax.Array, uniforms: jax.Array) -> jax.Array:
         target = jnp.minimum(u[:, None] * total, jnp.nextafter(total, 0.0))
         return jnp.sum(cumulative <= target, axis=-1).astype(jnp.int32)
 
-    block = pick(jnp.cumsum(probs.sum(axis=-1), axis=-1), uniforms[:, 0])
-    inside = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]
-    return block * probs.shape[-1] + pick(jnp.cumsum(inside, axis=-1), uniforms[:, 1])
+    block = pick(jnp.cumsum(blocks.sum(axis=-1), axis=-1), uniforms[:, 0])
+    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    return block * blocks.shape[-1] + pick(jnp.cumsum(inside, axis=-1), uniforms[:, 1])
 
 
 def _uniforms(seed: jax.Array, context_len: jax.Array) -> jax.Array:
@@ -151,29 +168,34 @@ def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn) -> SampleOu
     """logits f32[S, V] -> one token per row (plus logprobs when the step asks for them)."""
     raw = logits.astype(jnp.float32)
     rows, vocab = raw.shape
-    logits = jax.lax.cond(s.use_penalties != 0, lambda x: apply_penalties(x, s, context), lambda x: x, raw)
+    width = jax.eval_shape(context)[0].shape[1]
+    row_ids = jnp.arange(rows)[:, None]
+
+    def no_penalties(_):
+        return jnp.full((rows, width), vocab, jnp.int32), jnp.zeros((rows, width), jnp.float32)
+
+    ids, values = jax.lax.cond(s.use_penalties != 0, lambda _: penalized_values(raw, s, context), no_penalties, None)
     banned = jnp.where(s.banned_token_ids >= 0, s.banned_token_ids, vocab)
-    logits = logits.at[jnp.arange(rows)[:, None], banned].set(-jnp.inf, mode="drop")
+    logits = raw.at[row_ids, ids].set(values, mode="drop").at[row_ids, banned].set(-jnp.inf, mode="drop")
     greedy = argmax(logits)
 
-    def sampled(logits):
+    def sampled(_):
         temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)
-        filtered = filter_logits(logits / temperature[:, None], s)
-        tokens = draw(filtered, jax.vmap(_uniforms)(s.seeds, s.context_lens))
-        return jnp.where(s.temperature > 0, tokens, greedy)
+        weights = filter_weights(logits / temperature[:, None], s)
+        return jnp.where(s.temperature > 0, draw(weights, jax.vmap(_uniforms)(s.seeds, s.context_lens)), greedy)
 
-    tokens = jax.lax.cond(s.use_random != 0, sampled, lambda _: greedy, logits)
+    tokens = jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda _: greedy, None)
 
-    def with_logprobs(raw):
+    def with_logprobs(_):
         logprobs = jax.nn.log_softmax(raw, axis=-1)
         top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, vocab))
         token_lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         return token_lp, top_ids.astype(jnp.int32), top_lp
 
-    def without(raw):
+    def without(_):
         n = min(MAX_LOGPROBS, vocab)
         return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, n), jnp.int32),
                 jnp.zeros((rows, n), jnp.float32))
 
-    token_lp, top_ids, top_lp = jax.lax.cond(s.use_logprobs != 0, with_logprobs, without, raw)
+    token_lp, top_ids, top_lp = jax.lax.cond(s.use_logprobs != 0, with_logprobs, without, None)
     return SampleOutput(tokens, token_lp, top_ids, top_lp)

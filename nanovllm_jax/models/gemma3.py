@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax.layers.attention import paged_attention
+from nanovllm_jax.layers.lm_head import lm_head
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_inv_freq
 from nanovllm_jax.models import ForwardInputs
@@ -137,8 +138,8 @@ _LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
 
 def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -> dict:
-    """Host (numpy) params: linear weights as [in, out], per-layer tensors stacked on axis 0, q/k/v and
-    gate/up fused. Norm weights stay as stored (HF's w of 1 + w): the 1 is added in f32 in the forward."""
+    """Host (numpy) params: linear weights as [in, out] (an untied head stays [vocab, hidden]), per-layer
+    tensors stacked on axis 0, q/k/v and gate/up fused. Norm weights stay as stored (HF's w of 1 + w): the 1 is added in f32 in the forward."""
     prefix = next((p for p in _PREFIXES if has(p + "embed_tokens.weight")), None)
     if prefix is None:
         raise ValueError(f"no Gemma 3 embedding table in the checkpoint (looked for "
@@ -182,7 +183,7 @@ def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -
     }
     if not cfg.tie_word_embeddings:
         head = next((name for name in _LM_HEADS if has(name)), _LM_HEADS[0])
-        params["lm_head"] = get(head, (cfg.vocab_size, h)).T
+        params["lm_head"] = get(head, (cfg.vocab_size, h))  # [V, H] as stored: see layers/lm_head.py
     return params
 
 
@@ -245,10 +246,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], per_layer))
     x, k_cache, v_cache = carry
     h = _norm(x[inputs.logits_indices], params["norm"], eps)
-    if "lm_head" in params:
-        logits = jnp.dot(h, params["lm_head"], preferred_element_type=jnp.float32)
-    else:  # tied: contract with the embedding table as stored, no transposed copy
-        logits = jnp.einsum("sh,vh->sv", h, embed, preferred_element_type=jnp.float32)
+    logits = lm_head(h, params.get("lm_head", embed))
     if cfg.final_logit_softcapping is not None:
         cap = cfg.final_logit_softcapping
         logits = cap * jnp.tanh(logits / cap)

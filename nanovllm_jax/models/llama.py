@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax.layers.attention import paged_attention
+from nanovllm_jax.layers.lm_head import lm_head
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_inv_freq
 from nanovllm_jax.models import ForwardInputs
@@ -91,8 +92,8 @@ GetTensor = Callable[[str, tuple], np.ndarray]  # (hf name, expected HF shape) -
 
 
 def load_params(cfg: LlamaConfig, get: GetTensor, has: Callable[[str], bool]) -> dict:
-    """Host (numpy) params: linear weights as [in, out], per-layer tensors stacked on axis 0,
-    q/k/v and gate/up fused so each layer does two big matmuls instead of five."""
+    """Host (numpy) params: linear weights as [in, out] (an untied head stays [vocab, hidden]), per-layer
+    tensors stacked on axis 0, q/k/v and gate/up fused so each layer does two big matmuls instead of five."""
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
 
     def stack(fn) -> np.ndarray:
@@ -129,7 +130,7 @@ def load_params(cfg: LlamaConfig, get: GetTensor, has: Callable[[str], bool]) ->
         "rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ())),
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, h)).T
+        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, h))  # [V, H] as stored: see layers/lm_head.py
     return params
 
 
@@ -212,8 +213,5 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], layer_ids))
     x, k_cache, v_cache = carry
     h = rms_norm(x[inputs.logits_indices], params["norm"], cfg.rms_norm_eps)
-    if "lm_head" in params:
-        logits = jnp.dot(h, params["lm_head"], preferred_element_type=jnp.float32)
-    else:  # tied: contract with the embedding table as stored, no transposed copy
-        logits = jnp.einsum("sh,vh->sv", h, params["embed"], preferred_element_type=jnp.float32)
+    logits = lm_head(h, params.get("lm_head", params["embed"]))
     return logits, k_cache, v_cache
