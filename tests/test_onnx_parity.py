@@ -112,7 +112,6 @@ def test_seeded_sampling_and_penalties_are_batch_independent(reference):
 @pytest.mark.parametrize("arch", TINY_CONFIGS)
 def test_greedy_matches_jax_backend(reference, arch):
     """Both backends on the same checkpoint and engine settings give transformers' tokens."""
-    pytest.importorskip("nanovllm_jax.jax_runner")
     model_dir, prompts, expected = reference[arch]
     small = dict(max_num_seqs=8, max_num_batched_tokens=128)  # few shape buckets: a short JAX warm-up
     onnx_tokens, _ = onnx_greedy(model_dir, prompts, **small)
