@@ -127,7 +127,7 @@ class StepLayout:
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: (self.tokens,) for name in _TOKEN_FIELDS} | {"num_chunks": ()}
+        return {name: (self.tokens,) for name in _TOKEN_FIELDS}
 
     @cached_property
     def offsets(self) -> dict[str, int]:
@@ -155,8 +155,6 @@ class StepLayout:
         field("seq_ids")[:] = -1
         field("seq_ids")[:t] = seq_ids
         field("cached_lens")[:t] = cached[seq_ids]
-        chunk = self.seq.block_size * self.pages_per_chunk
-        field("num_chunks")[...] = -(-int(cached.max(initial=0)) // chunk)
         return buf
 
     def unpack(self, packed: jax.Array) -> StepInputs:
@@ -172,7 +170,6 @@ class StepLayout:
             seq_ids=seq_ids,
             cached_lens=field("cached_lens"),
             block_tables=tables[jnp.maximum(seq_ids, 0)],
-            num_chunks=field("num_chunks"),
             block_size=seq.block_size,
             pages_per_chunk=self.pages_per_chunk,
         )

@@ -129,10 +129,8 @@ class _Paged:
         pad = pad_to - n  # padding tokens: no sequence, and a slot out of range (the scatter drops it)
         ids, pos, seq_ids, cached = ids + [0] * pad, pos + [0] * pad, seq_ids + [-1] * pad, cached + [0] * pad
         slots, tables = slots + [self.num_slots] * pad, tables + [[0] * self.width] * pad
-        chunk = BLOCK * self.ppc
         i32 = lambda a: jnp.asarray(np.asarray(a, np.int32))  # noqa: E731
-        meta = AttentionMetadata(i32(pos), i32(seq_ids), i32(cached), i32(tables),
-                                 i32(-(-max(cached) // chunk)), BLOCK, self.ppc)
+        meta = AttentionMetadata(i32(pos), i32(seq_ids), i32(cached), i32(tables), BLOCK, self.ppc)
         inputs = ForwardInputs(i32(ids), i32(slots), i32(np.arange(pad_to)), meta)
         logits, self.k, self.v = self.forward(self.params, self.k, self.v, inputs, self.cfg)
         logits = np.asarray(logits)[:n]

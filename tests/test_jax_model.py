@@ -47,11 +47,10 @@ class PagedModel:
             self.lens[seq] += len(tokens)
         tables = np.stack([seq * BLOCKS_PER_SEQ + np.arange(BLOCKS_PER_SEQ) for seq in chunks])
         seq_ids = np.array(seq_ids, np.int32)
-        chunk = BLOCK * PAGES_PER_CHUNK
         meta = AttentionMetadata(
             positions=jnp.array(pos, jnp.int32), seq_ids=jnp.asarray(seq_ids),
             cached_lens=jnp.array(cached, jnp.int32), block_tables=jnp.asarray(tables[seq_ids], jnp.int32),
-            num_chunks=jnp.int32(-(-max(cached) // chunk)), block_size=BLOCK, pages_per_chunk=PAGES_PER_CHUNK,
+            block_size=BLOCK, pages_per_chunk=PAGES_PER_CHUNK,
         )
         inputs = ForwardInputs(jnp.array(ids, jnp.int32), jnp.array(slots, jnp.int32),
                                jnp.arange(len(ids), dtype=jnp.int32), meta)
@@ -108,16 +107,20 @@ def naive_attention(q, k, v, seq_ids, pos, scale, window=None, softcap=None):
     return np.einsum("htc,chd->thd", p, v)
 
 
+@pytest.mark.parametrize("lens,new", [
+    ([13, 6], [3, 1]),  # cached prefixes and a decode; 6 tokens: blocks of 2
+    ([13, 6, 9], [1, 1, 9]),  # two decodes and a fresh prefill
+    ([16, 3, 12, 7], [9, 3, 12, 6]),  # 30 + 2 padding tokens: two blocks of 16, mixed contexts
+])
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 3.0), (7, 2.0)])
-def test_paged_attention_matches_dense_reference(window, softcap):
-    """Two sequences with cached prefixes in scattered blocks, plus padding tokens; GQA 4:2."""
+def test_paged_attention_matches_dense_reference(window, softcap, lens, new):
+    """Sequences with cached prefixes in scattered blocks, plus padding tokens; GQA 4:2."""
     rng = np.random.default_rng(0)
     h, kv, d, bs, nb = 4, 2, 8, 4, 16
-    lens, new = [13, 6], [3, 1]  # total context per sequence, new tokens this step
-    tables = np.array([[5, 2, 9, 12], [7, 0, 3, 1]])
+    tables = np.array([[5, 2, 9, 12], [7, 0, 3, 1], [4, 6, 8, 10], [11, 13, 14, 15]])[: len(lens)]
     k_all, v_all = rng.standard_normal((2, sum(lens), kv, d)).astype(np.float32)
     q_all = rng.standard_normal((sum(lens), h, d)).astype(np.float32)
-    seq_of = np.repeat([0, 1], lens)
+    seq_of = np.repeat(np.arange(len(lens)), lens)
     pos_of = np.concatenate([np.arange(n) for n in lens])
     k_cache = np.zeros((1, kv, nb * bs, d), np.float32)
     v_cache = np.zeros_like(k_cache)
@@ -133,7 +136,7 @@ def test_paged_attention_matches_dense_reference(window, softcap):
     positions = np.concatenate([pos_of[is_new], [0] * pad]).astype(np.int32)
     cached = np.array([lens[s] - new[s] if s >= 0 else 0 for s in seq_ids], np.int32)
     meta = AttentionMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(cached),
-                             jnp.asarray(tables[np.maximum(seq_ids, 0)], jnp.int32), jnp.int32(2), bs, 2)
+                             jnp.asarray(tables[np.maximum(seq_ids, 0)], jnp.int32), bs, 2)
     out = paged_attention(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_cache),
                           jnp.asarray(v_cache), meta, scale=0.3, layer=0, sliding_window=window, softcap=softcap)
     expected = naive_attention(q_all, k_all, v_all, seq_of, pos_of, 0.3, window, softcap)[is_new]

@@ -4,9 +4,9 @@ Every token t of sequence s attends to the positions p <= pos[t] of s. These spl
   * this step's own new tokens (p >= cached_len[s]): a dense [T, T] score block with a
     same-sequence causal mask, using the K/V just computed (no cache read);
   * the cached context (p < cached_len[s]): read from the paged cache through the block table,
-    a chunk of pages at a time with an online softmax. The loop runs only as many chunks as the
-    longest cached context of this step needs, so a decode step costs O(sum of contexts), and a
-    fresh prefill skips the cache entirely.
+    a chunk of pages at a time with an online softmax. Tokens go in blocks of TOKEN_BLOCK, each
+    visiting only as many chunks as its own longest context needs, so a decode step costs
+    O(sum of contexts) and fresh prefill tokens skip the cache, even in a step that mixes both.
 Decode is the special case T == S: every token is its own sequence and reads its pages once.
 The cache is the stacked [layers, kv_heads, slots, head_dim] array (slot = block * block_size +
 offset): kv-head-major, so a gathered chunk already has the [kv_head, token, key, dim] layout the
@@ -14,6 +14,7 @@ batched dots want and XLA adds no transposed copy of it (2x faster on CPU than s
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,10 +22,11 @@ import jax
 import jax.numpy as jnp
 
 MASKED = -1e30  # finite, so a fully masked chunk never turns the running max into NaN
+TOKEN_BLOCK = 16  # tokens that walk their cached contexts together
 
 
 @partial(jax.tree_util.register_dataclass,
-         data_fields=["positions", "seq_ids", "cached_lens", "block_tables", "num_chunks"],
+         data_fields=["positions", "seq_ids", "cached_lens", "block_tables"],
          meta_fields=["block_size", "pages_per_chunk"])
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -34,7 +36,6 @@ class AttentionMetadata:
     seq_ids: jax.Array  # i32[T]; -1 for padding tokens (they attend only among themselves)
     cached_lens: jax.Array  # i32[T]; positions of the token's sequence already in the cache before this step
     block_tables: jax.Array  # i32[T, W]; the token's sequence's block table, W a multiple of pages_per_chunk
-    num_chunks: jax.Array  # i32[]; chunks of pages to visit = ceil(max cached_lens / chunk tokens)
     block_size: int  # static
     pages_per_chunk: int  # static
 
@@ -73,8 +74,8 @@ def paged_attention(
     qg = q.reshape(t, kv, h // kv, d).transpose(1, 0, 2, 3)  # [KV, T, G, D]
     pos = meta.positions
 
-    def scores(keys: jax.Array, equation: str) -> jax.Array:
-        s = jnp.einsum(equation, qg, keys, preferred_element_type=jnp.float32) * scale
+    def scores(queries: jax.Array, keys: jax.Array, equation: str) -> jax.Array:
+        s = jnp.einsum(equation, queries, keys, preferred_element_type=jnp.float32) * scale
         return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
     def in_window(key_pos: jax.Array) -> jax.Array:  # key_pos broadcastable to [T, C]
@@ -83,7 +84,7 @@ def paged_attention(
         return (pos[:, None] - key_pos) < sliding_window
 
     # This step's tokens: same sequence, causal.
-    s_new = scores(k_new, "ktgd,ckd->ktgc")  # [KV, T, G, T]
+    s_new = scores(qg, k_new, "ktgd,ckd->ktgc")  # [KV, T, G, T]
     mask = (meta.seq_ids[:, None] == meta.seq_ids[None, :]) & (pos[None, :] <= pos[:, None])
     mask &= in_window(pos[None, :])
     s_new = jnp.where(mask[None, :, None, :], s_new, MASKED)
@@ -92,25 +93,45 @@ def paged_attention(
     l = p.sum(axis=-1)
     acc = jnp.einsum("ktgc,ckd->ktgd", p, v_new.astype(jnp.float32))
 
-    # The cached context, a chunk of pages at a time.
+    # The cached context, per block of tokens, each block a chunk of pages at a time for as many
+    # chunks as its own longest context needs: fresh prefill tokens cost nothing here, and a
+    # prefill step that also carries decodes does not make all its tokens walk the decodes' contexts.
     bs, ppc = meta.block_size, meta.pages_per_chunk
     chunk = bs * ppc
+    tb = token_block(t)
 
-    def visit(j, state):
-        m, l, acc = state
-        blocks = jax.lax.dynamic_slice_in_dim(meta.block_tables, j * ppc, ppc, axis=1)  # [T, P]
-        keys = gather_blocks(k_cache, layer, blocks, bs).reshape(kv, t, chunk, d)
-        vals = gather_blocks(v_cache, layer, blocks, bs).reshape(kv, t, chunk, d)
-        key_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        ok = (key_pos[None, :] < meta.cached_lens[:, None]) & in_window(key_pos[None, :])
-        s = jnp.where(ok[None, :, None, :], scores(keys, "ktgd,ktcd->ktgc"), MASKED)
-        m_next = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.exp(s - m_next[..., None])
-        alpha = jnp.exp(m - m_next)
-        l = l * alpha + p.sum(axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("ktgc,ktcd->ktgd", p, vals.astype(jnp.float32))
-        return m_next, l, acc
+    def visit_block(b, state):
+        start = b * tb
+        q_b = jax.lax.dynamic_slice_in_dim(qg, start, tb, axis=1)  # [KV, tb, G, D]
+        pos_b, cached_b = (jax.lax.dynamic_slice_in_dim(x, start, tb) for x in (pos, meta.cached_lens))
+        tables_b = jax.lax.dynamic_slice_in_dim(meta.block_tables, start, tb, axis=0)
 
-    m, l, acc = jax.lax.fori_loop(0, meta.num_chunks, visit, (m, l, acc))
+        def visit(j, block_state):
+            m, l, acc = block_state
+            blocks = jax.lax.dynamic_slice_in_dim(tables_b, j * ppc, ppc, axis=1)  # [tb, P]
+            keys = gather_blocks(k_cache, layer, blocks, bs).reshape(kv, tb, chunk, d)
+            vals = gather_blocks(v_cache, layer, blocks, bs).reshape(kv, tb, chunk, d)
+            key_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
+            ok = key_pos[None, :] < cached_b[:, None]
+            if sliding_window is not None:
+                ok &= (pos_b[:, None] - key_pos[None, :]) < sliding_window
+            s = jnp.where(ok[None, :, None, :], scores(q_b, keys, "ktgd,ktcd->ktgc"), MASKED)
+            m_next = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_next[..., None])
+            alpha = jnp.exp(m - m_next)
+            l = l * alpha + p.sum(axis=-1)
+            acc = acc * alpha[..., None] + jnp.einsum("ktgc,ktcd->ktgd", p, vals.astype(jnp.float32))
+            return m_next, l, acc
+
+        block_state = tuple(jax.lax.dynamic_slice_in_dim(x, start, tb, axis=1) for x in state)
+        block_state = jax.lax.fori_loop(0, (cached_b.max() + chunk - 1) // chunk, visit, block_state)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, start, axis=1) for x, y in zip(state, block_state))
+
+    m, l, acc = jax.lax.fori_loop(0, t // tb, visit_block, (m, l, acc))
     out = acc / l[..., None]  # [KV, T, G, D]
     return out.transpose(1, 0, 2, 3).reshape(t, h, d).astype(q.dtype)
+
+
+def token_block(tokens: int) -> int:
+    """Tokens per block of the context loop: the largest power of two up to TOKEN_BLOCK dividing `tokens`."""
+    return math.gcd(tokens, TOKEN_BLOCK)
