@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus(),
                     "device": _device()},
         "model": model or "mock",
+        "model_name": args.random_weights or args.model or ("mock" if model is None else "embedded Gemma 3 270M"),
         "workload": {k: getattr(args, k) for k in ("num_seqs", "min_input_len", "max_input_len", "min_output_len",
                                                    "max_output_len", "seed", "temperature")},
         "runs": runs,
