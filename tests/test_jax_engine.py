@@ -62,10 +62,8 @@ def greedy_reference(model_dirs, name, prompts):
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-@pytest.mark.parametrize("name,setting", [
-    ("qwen3", "default"), ("qwen3", "no_prefix_cache"), ("qwen3", "preemption"), ("qwen3", "chunked"),
-    ("qwen2", "default"), ("llama3", "default"),
-])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("name", ["qwen3", "qwen2", "llama3"])
 def test_greedy_tokens_match_transformers(model_dirs, xla_cache, prompts, name, setting):
     llm = engine(model_dirs, xla_cache, name, setting)
     expected = greedy_reference(model_dirs, name, prompts)
