@@ -79,13 +79,18 @@ def test_logprobs_are_raw_log_softmax(data):
     np.testing.assert_allclose(got.top_logprobs[:, :5], expected.top_logprobs, rtol=1e-5, atol=1e-5)
 
 
+def kept_weights(logits, s, candidates):
+    ones = jnp.ones((logits.shape[0], 1))
+    return sampler.filter_cutoff(logits, ones, s, candidates).weights(logits, jnp.arange(logits.shape[-1])[None, :])
+
+
 @pytest.mark.parametrize("candidates", [VOCAB, 8])  # 8: top-k 10 and wide nuclei fall back to the sort
 @pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, 0.0), (0, 0.8, 0.0), (0, 1.0, 0.1), (10, 0.9, 0.05), (1, 1.0, 0.0)])
 def test_filters_match_reference(data, top_k, top_p, min_p, candidates):
     logits, _ = data
     s = device_inputs(batch(6, temperature=[1.0] * 6, top_k=[top_k] * 6, top_p=[top_p] * 6, min_p=[min_p] * 6),
                       np.ones(6))
-    kept = np.asarray(jax.jit(lambda x, s: sampler.filter_weights(x, s, candidates))(jnp.asarray(logits), s)) > 0
+    kept = np.asarray(jax.jit(kept_weights, static_argnums=2)(jnp.asarray(logits), s, candidates)) > 0
     for row in range(6):
         expected = ref.filter_logits(logits[row], top_k, top_p, min_p)
         np.testing.assert_array_equal(kept[row], np.isfinite(expected))
@@ -99,7 +104,7 @@ def test_filters_apply_per_row(data):
     top_k, top_p, min_p = [3, 0, 0, 40, 0, 2], [1.0, 0.5, 1.0, 0.99, 1.0, 0.3], [0.0, 0.0, 0.2, 0.0, 0.0, 0.5]
     for candidates in (VOCAB, 8):
         s = device_inputs(batch(6, temperature=[1.0] * 6, top_k=top_k, top_p=top_p, min_p=min_p), np.ones(6))
-        kept = np.asarray(jax.jit(lambda x, s: sampler.filter_weights(x, s, candidates))(jnp.asarray(logits), s)) > 0
+        kept = np.asarray(jax.jit(kept_weights, static_argnums=2)(jnp.asarray(logits), s, candidates)) > 0
         for row in range(6):
             expected = ref.filter_logits(logits[row], top_k[row], top_p[row], min_p[row])
             np.testing.assert_array_equal(kept[row], np.isfinite(expected))
@@ -116,7 +121,14 @@ def test_draw_follows_the_softmax():
     n = 100_000
     uniforms = rng.random((n, 2), dtype=np.float32)
     uniforms[:50] = np.float32(1) - np.finfo(np.float32).epsneg  # the largest float32 below 1
-    tokens = np.asarray(jax.jit(sampler.draw)(jnp.broadcast_to(jnp.asarray(weights), (n, vocab)), jnp.asarray(uniforms)))
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(weights)), (n, vocab))  # log 0 = -inf: never kept
+
+    def draw_all(logits, uniforms):
+        keep_all = sampler.Cutoff(logits.max(axis=-1, keepdims=True), jnp.zeros((n, 1)),
+                                  jnp.full((n, 1), vocab), jnp.zeros((n, 1)))
+        return sampler.draw(logits, keep_all, uniforms)
+
+    tokens = np.asarray(jax.jit(draw_all)(logits, jnp.asarray(uniforms)))
     assert (weights[tokens] > 0).all()
     counts = np.bincount(tokens, minlength=vocab)
     expected = probs * n

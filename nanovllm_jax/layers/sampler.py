@@ -98,22 +98,39 @@ def _rank_cutoff(values: jax.Array, ids: jax.Array, probs: jax.Array, s: Samplin
     return jnp.take_along_axis(values, last, axis=-1)[:, 0], jnp.take_along_axis(ids, last, axis=-1)[:, 0]
 
 
-def filter_weights(scaled: jax.Array, s: SamplingInputs, candidates: int = CANDIDATES) -> jax.Array:
-    """Unnormalized probabilities exp(scaled - max) [S, V], zero outside top-k, the top-p nucleus
-    and the min-p floor; ties keep the lower token id.
+class Cutoff(NamedTuple):
+    """Which tokens of each row a filter keeps, as per-row scalars [S, 1]: a token with weight
+    w = exp(value - top) is kept when (w > cut or (w == cut and id <= cut_id)) and w >= min_p."""
+
+    top: jax.Array
+    cut: jax.Array
+    cut_id: jax.Array
+    min_p: jax.Array
+
+    def weights(self, values: jax.Array, ids: jax.Array) -> jax.Array:
+        """Unnormalized kept probabilities of `values` [S, ...] with token `ids` (0 where dropped)."""
+        def row(x):  # [S, 1] -> broadcastable to values
+            return x.reshape(x.shape + (1,) * (values.ndim - 2))
+        w = jnp.exp(values - row(self.top))
+        keep = (w > row(self.cut)) | ((w == row(self.cut)) & (ids <= row(self.cut_id)))
+        return jnp.where(keep & (w >= row(self.min_p)), w, 0.0)
+
+
+def filter_cutoff(logits: jax.Array, temperature: jax.Array, s: SamplingInputs, candidates: int = CANDIDATES) -> Cutoff:
+    """top-k, top-p and min-p over logits / temperature [S, 1] as a Cutoff; ties keep the lower token id.
 
     Rows with top-k/top-p get a cutoff (the last kept value and id) from the best `candidates`
     tokens, or from a sort of the whole row when some row's top-k exceeds them or its nucleus is
     not inside them. The branches return only the [S] cutoffs: a vocabulary-sized cond output
-    would cost a copy every step."""
-    rows, vocab = scaled.shape
-    top = scaled.max(axis=-1, keepdims=True)
-    unnormalized = jnp.exp(scaled - top)
+    would cost a copy every step. The cut is compared as a weight exp(value - top), the same
+    rounding as each token's own weight. The conds get the logits, not the scaled copy: an operand
+    of a cond is materialized, and the logits already are."""
+    rows, vocab = logits.shape
+    top = (logits / temperature).max(axis=-1, keepdims=True)
     ranks = ((s.top_k > 0) | (s.top_p < 1.0)) & (s.temperature > 0)
 
     def ranked(_):
-        # summed here, not outside: a second reduction over the exponentials triples the
-        # unranked path's cost on XLA:CPU
+        scaled = logits / temperature
         total = jnp.exp(scaled - top).sum(axis=-1, keepdims=True)
         k = min(candidates, vocab)
         values, ids = jax.lax.top_k(scaled, k)
@@ -128,26 +145,25 @@ def filter_weights(scaled: jax.Array, s: SamplingInputs, candidates: int = CANDI
         return jax.lax.cond(jnp.any(ranks & ~covered), from_sort, lambda _: _rank_cutoff(values, ids, probs, s), None)
 
     def unranked(_):
-        return jnp.full((rows,), -jnp.inf, scaled.dtype), jnp.full((rows,), vocab, jnp.int32)
+        return jnp.full((rows,), -jnp.inf, logits.dtype), jnp.full((rows,), vocab, jnp.int32)
 
     cut_value, cut_id = jax.lax.cond(jnp.any(ranks), ranked, unranked, None)
-    # Compared as exp(value - max) (the same rounding as each token's own weight): XLA:CPU runs this
-    # 3x faster than comparing `scaled` itself, which would be a second vocabulary-sized input.
     cut = jnp.where(ranks, jnp.exp(cut_value - top[:, 0]), 0.0)[:, None]
     cut_id = jnp.where(ranks, cut_id, vocab)[:, None]
-    ids = jnp.arange(vocab, dtype=jnp.int32)[None, :]
-    keep = (unnormalized > cut) | ((unnormalized == cut) & (ids <= cut_id))
-    keep &= unnormalized >= s.min_p[:, None]  # the top token's unnormalized probability is 1
-    return jnp.where(keep, unnormalized, 0.0)
+    return Cutoff(top, cut, cut_id, s.min_p[:, None])
 
 
-def draw(weights: jax.Array, uniforms: jax.Array) -> jax.Array:
-    """One token per row, with probability proportional to weights [S, V] (>= 0, some > 0 per row),
+def draw(scaled: jax.Array, cutoff: Cutoff, uniforms: jax.Array) -> jax.Array:
+    """One token per row, with probability proportional to the kept weights of scaled [S, V],
     by inverse CDF at uniforms [S, 2] in [0, 1).
 
     Two levels keep it O(V) with short cumulative sums: the first uniform picks a block of the
-    vocabulary by block mass, the second a token inside that block by its mass there."""
-    blocks = _blocks(weights, 0.0)
+    vocabulary by block mass, the second a token inside that block by its mass there. The weights
+    are never materialized: the block sums compute them in one fused pass and the chosen block
+    recomputes its own (XLA:CPU otherwise recomputes the exponentials per consumer, 5x slower)."""
+    blocks = _blocks(scaled, -jnp.inf)
+    rows, num_blocks, width = blocks.shape
+    ids = jnp.arange(num_blocks * width, dtype=jnp.int32).reshape(1, num_blocks, width)
 
     def pick(cumulative: jax.Array, u: jax.Array) -> jax.Array:
         total = cumulative[:, -1:]
@@ -155,9 +171,10 @@ def draw(weights: jax.Array, uniforms: jax.Array) -> jax.Array:
         target = jnp.minimum(u[:, None] * total, jnp.nextafter(total, 0.0))
         return jnp.sum(cumulative <= target, axis=-1).astype(jnp.int32)
 
-    block = pick(jnp.cumsum(blocks.sum(axis=-1), axis=-1), uniforms[:, 0])
+    block = pick(jnp.cumsum(cutoff.weights(blocks, ids).sum(axis=-1), axis=-1), uniforms[:, 0])
     inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
-    return block * blocks.shape[-1] + pick(jnp.cumsum(inside, axis=-1), uniforms[:, 1])
+    inside_ids = block[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None, :]
+    return block * width + pick(jnp.cumsum(cutoff.weights(inside, inside_ids), axis=-1), uniforms[:, 1])
 
 
 def _uniforms(seed: jax.Array, context_len: jax.Array) -> jax.Array:
@@ -180,9 +197,10 @@ def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn) -> SampleOu
     greedy = argmax(logits)
 
     def sampled(_):
-        temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)
-        weights = filter_weights(logits / temperature[:, None], s)
-        return jnp.where(s.temperature > 0, draw(weights, jax.vmap(_uniforms)(s.seeds, s.context_lens)), greedy)
+        temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+        cutoff = filter_cutoff(logits, temperature, s)
+        tokens = draw(logits / temperature, cutoff, jax.vmap(_uniforms)(s.seeds, s.context_lens))
+        return jnp.where(s.temperature > 0, tokens, greedy)
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda _: greedy, None)
 
