@@ -33,7 +33,8 @@ RANDOM_CONFIGS: dict[str, dict] = {
 }
 
 
-def _tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape of a Llama / Qwen2 / Qwen3 / Gemma 3 text checkpoint with config `c`."""
     h, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     hd = c.get("head_dim", h // c["num_attention_heads"])
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
@@ -49,8 +50,10 @@ def _tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
             p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
             p + "mlp.down_proj.weight": (h, inter),
         }
-        if c["model_type"] == "qwen3":
+        if c["model_type"] in ("qwen3", "gemma3_text"):
             shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+        if c["model_type"] == "gemma3_text":
+            shapes |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
         if c["model_type"] == "qwen2":
             shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                        p + "self_attn.v_proj.bias": (kv,)}
@@ -69,7 +72,7 @@ def build_random_model(name: str, out_dir: Path, seed: int = 0, std: float = 0.0
     config = RANDOM_CONFIGS[name]
     rng = np.random.default_rng(seed)
     tensors = {}
-    for tensor_name, shape in _tensor_shapes(config).items():
+    for tensor_name, shape in tensor_shapes(config).items():
         if tensor_name.endswith("norm.weight"):
             tensors[tensor_name] = np.ones(shape, np.float32)
         else:

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from backends.mock import SIMPLE_BPE_PATH
+from nanovllm_jax.random_models import tensor_shapes
 
 _BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=1024, max_position_embeddings=512,
              rms_norm_eps=1e-6, hidden_act="silu", initializer_range=0.2, bos_token_id=1, eos_token_id=0)
@@ -39,35 +40,13 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def _shapes(c: dict) -> dict[str, tuple[int, ...]]:
-    h, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    hd = c.get("head_dim", h // c["num_attention_heads"])
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
-    if not c["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, h)
-    for i in range(c["num_hidden_layers"]):
-        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
-                   a + "o_proj.weight": (h, q), m + "gate_proj.weight": (inter, h), m + "up_proj.weight": (inter, h),
-                   m + "down_proj.weight": (h, inter)}
-        if c["model_type"] in ("qwen3", "gemma3_text"):
-            shapes |= {a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,)}
-        if c["model_type"] == "gemma3_text":
-            shapes |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
-        if c["model_type"] == "qwen2":
-            shapes |= {a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)}
-    return shapes
-
-
 def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     """Write config.json, model.safetensors and the SimpleBPE tokenizer.json into out_dir."""
     config = TINY_CONFIGS[arch]
     rng = np.random.default_rng(seed)
     std = config["initializer_range"]
     tensors = {}
-    for name, shape in _shapes(config).items():
+    for name, shape in tensor_shapes(config).items():
         if name.endswith("norm.weight"):  # Gemma multiplies by (1 + w)
             center = 0.0 if config["model_type"] == "gemma3_text" else 1.0
             tensors[name] = (center + 0.1 * rng.standard_normal(shape)).astype(np.float32)

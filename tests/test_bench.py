@@ -3,7 +3,7 @@ import json
 import pytest
 
 from nanovllm_jax import bench
-from nanovllm_jax.random_models import RANDOM_CONFIGS, _tensor_shapes
+from nanovllm_jax.random_models import RANDOM_CONFIGS, tensor_shapes
 
 
 def test_bench_on_the_mock_reports_every_field(tmp_path):
@@ -43,4 +43,4 @@ def test_random_model_tensors_match_transformers(name):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    assert _tensor_shapes(RANDOM_CONFIGS[name]) == expected
+    assert tensor_shapes(RANDOM_CONFIGS[name]) == expected
