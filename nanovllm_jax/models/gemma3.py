@@ -22,7 +22,7 @@ from nanovllm_jax.layers.lm_head import lm_head
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_inv_freq
 from nanovllm_jax.models import ForwardInputs
-from nanovllm_jax.models.llama import write_kv
+from nanovllm_jax.models.llama import GetTensor, layer_stacker, projection_params, write_kv
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 
@@ -130,28 +130,21 @@ def parse_config(hf: dict) -> Gemma3Config:
 
 # ---- weights: HF names -> params pytree, in this one place -----------------------------------
 
-GetTensor = Callable[[str, tuple], np.ndarray]  # (hf name, expected HF shape) -> array in target dtype
-
 # Where the decoder lives: Gemma3ForCausalLM, Gemma3ForConditionalGeneration (transformers 5.x / 4.x save).
 _PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 _LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
 
 def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -> dict:
-    """Host (numpy) params: linear weights as [in, out] (an untied head stays [vocab, hidden]), per-layer
-    tensors stacked on axis 0, q/k/v and gate/up fused. Norm weights stay as stored (HF's w of 1 + w): the 1 is added in f32 in the forward."""
+    """Host (numpy) params: projections as in llama.projection_params (an untied head stays [vocab,
+    hidden]), per-layer tensors stacked on axis 0. Norm weights stay as stored (HF's w of 1 + w): the
+    1 is added in f32 in the forward."""
     prefix = next((p for p in _PREFIXES if has(p + "embed_tokens.weight")), None)
     if prefix is None:
         raise ValueError(f"no Gemma 3 embedding table in the checkpoint (looked for "
                          f"{', '.join(p + 'embed_tokens.weight' for p in _PREFIXES)})")
-    h, i, q, kv, d = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size, cfg.head_dim
-
-    def stack(fn) -> np.ndarray:
-        return np.stack([fn(f"{prefix}layers.{n}.") for n in range(cfg.num_layers)])
-
-    def linear(name: str, out: int, inp: int) -> np.ndarray:
-        return get(name, (out, inp)).T
-
+    h, d = cfg.hidden_size, cfg.head_dim
+    stack = layer_stacker(prefix, cfg.num_layers)
     layers = {
         "attn_norm": stack(lambda p: get(p + "input_layernorm.weight", (h,))),
         "attn_post_norm": stack(lambda p: get(p + "post_attention_layernorm.weight", (h,))),
@@ -159,20 +152,9 @@ def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -
         "mlp_post_norm": stack(lambda p: get(p + "post_feedforward_layernorm.weight", (h,))),
         "q_norm": stack(lambda p: get(p + "self_attn.q_norm.weight", (d,))),
         "k_norm": stack(lambda p: get(p + "self_attn.k_norm.weight", (d,))),
-        "w_qkv": stack(lambda p: np.concatenate([
-            linear(p + "self_attn.q_proj.weight", q, h),
-            linear(p + "self_attn.k_proj.weight", kv, h),
-            linear(p + "self_attn.v_proj.weight", kv, h)], axis=1)),
-        "w_o": stack(lambda p: linear(p + "self_attn.o_proj.weight", h, q)),
-        "w_gate_up": stack(lambda p: np.concatenate([
-            linear(p + "mlp.gate_proj.weight", i, h), linear(p + "mlp.up_proj.weight", i, h)], axis=1)),
-        "w_down": stack(lambda p: linear(p + "mlp.down_proj.weight", h, i)),
+        **projection_params(stack, get, h, cfg.intermediate_size, cfg.q_size, cfg.kv_size,
+                            cfg.attention_bias, cfg.attention_bias),
     }
-    if cfg.attention_bias:
-        layers["b_qkv"] = stack(lambda p: np.concatenate([
-            get(p + "self_attn.q_proj.bias", (q,)), get(p + "self_attn.k_proj.bias", (kv,)),
-            get(p + "self_attn.v_proj.bias", (kv,))]))
-        layers["b_o"] = stack(lambda p: get(p + "self_attn.o_proj.bias", (h,)))
     params = {
         "embed": get(prefix + "embed_tokens.weight", (cfg.vocab_size, h)),
         "norm": get(prefix + "norm.weight", (h,)),

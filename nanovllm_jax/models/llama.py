@@ -91,20 +91,21 @@ def parse_config(hf: dict) -> LlamaConfig:
 GetTensor = Callable[[str, tuple], np.ndarray]  # (hf name, expected HF shape) -> array in target dtype
 
 
-def load_params(cfg: LlamaConfig, get: GetTensor, has: Callable[[str], bool]) -> dict:
-    """Host (numpy) params: linear weights as [in, out] (an untied head stays [vocab, hidden]), per-layer
-    tensors stacked on axis 0, q/k/v and gate/up fused so each layer does two big matmuls instead of five."""
-    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+def layer_stacker(prefix: str, num_layers: int) -> Callable:
+    """stack(fn): fn(prefix of layer n's HF names) for every layer, stacked on a new axis 0."""
+    def stack(fn: Callable[[str], np.ndarray]) -> np.ndarray:
+        return np.stack([fn(f"{prefix}layers.{n}.") for n in range(num_layers)])
+    return stack
 
-    def stack(fn) -> np.ndarray:
-        return np.stack([fn(f"model.layers.{n}.") for n in range(cfg.num_layers)])
 
+def projection_params(stack: Callable, get: GetTensor, h: int, i: int, q: int, kv: int, qkv_bias: bool,
+                      o_bias: bool) -> dict:
+    """The attention and MLP projections, shared by every family here: linear weights as [in, out],
+    q/k/v and gate/up fused so each layer does two big matmuls instead of five."""
     def linear(name: str, out: int, inp: int) -> np.ndarray:
         return get(name, (out, inp)).T
 
-    layers = {
-        "attn_norm": stack(lambda p: get(p + "input_layernorm.weight", (h,))),
-        "mlp_norm": stack(lambda p: get(p + "post_attention_layernorm.weight", (h,))),
+    params = {
         "w_qkv": stack(lambda p: np.concatenate([
             linear(p + "self_attn.q_proj.weight", q, h),
             linear(p + "self_attn.k_proj.weight", kv, h),
@@ -114,12 +115,26 @@ def load_params(cfg: LlamaConfig, get: GetTensor, has: Callable[[str], bool]) ->
             linear(p + "mlp.gate_proj.weight", i, h), linear(p + "mlp.up_proj.weight", i, h)], axis=1)),
         "w_down": stack(lambda p: linear(p + "mlp.down_proj.weight", h, i)),
     }
-    if cfg.qkv_bias:
-        layers["b_qkv"] = stack(lambda p: np.concatenate([
+    if qkv_bias:
+        params["b_qkv"] = stack(lambda p: np.concatenate([
             get(p + "self_attn.q_proj.bias", (q,)), get(p + "self_attn.k_proj.bias", (kv,)),
             get(p + "self_attn.v_proj.bias", (kv,))]))
-    if cfg.o_bias:
-        layers["b_o"] = stack(lambda p: get(p + "self_attn.o_proj.bias", (h,)))
+    if o_bias:
+        params["b_o"] = stack(lambda p: get(p + "self_attn.o_proj.bias", (h,)))
+    return params
+
+
+def load_params(cfg: LlamaConfig, get: GetTensor, has: Callable[[str], bool]) -> dict:
+    """Host (numpy) params: projections as in projection_params (an untied head stays [vocab, hidden]),
+    per-layer tensors stacked on axis 0."""
+    h = cfg.hidden_size
+    stack = layer_stacker("model.", cfg.num_layers)
+    layers = {
+        "attn_norm": stack(lambda p: get(p + "input_layernorm.weight", (h,))),
+        "mlp_norm": stack(lambda p: get(p + "post_attention_layernorm.weight", (h,))),
+        **projection_params(stack, get, h, cfg.intermediate_size, cfg.q_size, cfg.kv_size,
+                            cfg.qkv_bias, cfg.o_bias),
+    }
     if cfg.qk_norm:
         layers["q_norm"] = stack(lambda p: get(p + "self_attn.q_norm.weight", (cfg.head_dim,)))
         layers["k_norm"] = stack(lambda p: get(p + "self_attn.k_norm.weight", (cfg.head_dim,)))
