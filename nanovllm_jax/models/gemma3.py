@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax.layers.attention import paged_attention
-from nanovllm_jax.layers.lm_head import lm_head
+from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_inv_freq
 from nanovllm_jax.models import ForwardInputs
@@ -165,7 +165,7 @@ def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -
     }
     if not cfg.tie_word_embeddings:
         head = next((name for name in _LM_HEADS if has(name)), _LM_HEADS[0])
-        params["lm_head"] = get(head, (cfg.vocab_size, h))  # [V, H] as stored: see layers/lm_head.py
+        params["lm_head"] = get(head, (cfg.vocab_size, h))  # [V, H] as stored, like every linear weight
     return params
 
 
@@ -190,7 +190,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         x, k_cache, v_cache = carry
         w, (layer, window, rope_row) = layer_in
         h = _norm(x, w["attn_norm"], eps)
-        qkv = h @ w["w_qkv"]
+        qkv = linear(h, w["w_qkv"])
         if cfg.attention_bias:
             qkv = qkv + w["b_qkv"]
         q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
@@ -202,13 +202,13 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         k = apply_rope(k, meta.positions, inv_freq)
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, inputs.slot_mapping, k, v)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer, sliding_window=window)
-        o = o.reshape(t, cfg.q_size) @ w["w_o"]
+        o = linear(o.reshape(t, cfg.q_size), w["w_o"])
         if cfg.attention_bias:
             o = o + w["b_o"]
         x = x + _norm(o, w["attn_post_norm"], eps)
         h = _norm(x, w["mlp_norm"], eps)
-        gate, up = jnp.split(h @ w["w_gate_up"], 2, axis=-1)
-        h = (jax.nn.gelu(gate, approximate=cfg.gelu_tanh) * up) @ w["w_down"]
+        gate, up = jnp.split(linear(h, w["w_gate_up"]), 2, axis=-1)
+        h = linear(jax.nn.gelu(gate, approximate=cfg.gelu_tanh) * up, w["w_down"])
         x = x + _norm(h, w["mlp_post_norm"], eps)
         return (x, k_cache, v_cache), None
 
@@ -228,7 +228,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], per_layer))
     x, k_cache, v_cache = carry
     h = _norm(x[inputs.logits_indices], params["norm"], eps)
-    logits = lm_head(h, params.get("lm_head", embed))
+    logits = linear(h, params.get("lm_head", embed), jnp.float32)
     if cfg.final_logit_softcapping is not None:
         cap = cfg.final_logit_softcapping
         logits = cap * jnp.tanh(logits / cap)

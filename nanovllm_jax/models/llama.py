@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax.layers.attention import paged_attention
-from nanovllm_jax.layers.lm_head import lm_head
+from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_inv_freq
 from nanovllm_jax.models import ForwardInputs
@@ -100,20 +100,17 @@ def layer_stacker(prefix: str, num_layers: int) -> Callable:
 
 def projection_params(stack: Callable, get: GetTensor, h: int, i: int, q: int, kv: int, qkv_bias: bool,
                       o_bias: bool) -> dict:
-    """The attention and MLP projections, shared by every family here: linear weights as [in, out],
-    q/k/v and gate/up fused so each layer does two big matmuls instead of five."""
-    def linear(name: str, out: int, inp: int) -> np.ndarray:
-        return get(name, (out, inp)).T
-
+    """The attention and MLP projections, shared by every family here: weights [out, in] as HF stores
+    them (see layers/linear.py), q/k/v and gate/up fused so each layer does two big matmuls instead of five."""
     params = {
         "w_qkv": stack(lambda p: np.concatenate([
-            linear(p + "self_attn.q_proj.weight", q, h),
-            linear(p + "self_attn.k_proj.weight", kv, h),
-            linear(p + "self_attn.v_proj.weight", kv, h)], axis=1)),
-        "w_o": stack(lambda p: linear(p + "self_attn.o_proj.weight", h, q)),
+            get(p + "self_attn.q_proj.weight", (q, h)),
+            get(p + "self_attn.k_proj.weight", (kv, h)),
+            get(p + "self_attn.v_proj.weight", (kv, h))])),
+        "w_o": stack(lambda p: get(p + "self_attn.o_proj.weight", (h, q))),
         "w_gate_up": stack(lambda p: np.concatenate([
-            linear(p + "mlp.gate_proj.weight", i, h), linear(p + "mlp.up_proj.weight", i, h)], axis=1)),
-        "w_down": stack(lambda p: linear(p + "mlp.down_proj.weight", h, i)),
+            get(p + "mlp.gate_proj.weight", (i, h)), get(p + "mlp.up_proj.weight", (i, h))])),
+        "w_down": stack(lambda p: get(p + "mlp.down_proj.weight", (h, i))),
     }
     if qkv_bias:
         params["b_qkv"] = stack(lambda p: np.concatenate([
@@ -145,7 +142,7 @@ def load_params(cfg: LlamaConfig, get: GetTensor, has: Callable[[str], bool]) ->
         "rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ())),
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, h))  # [V, H] as stored: see layers/lm_head.py
+        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, h))  # [V, H] as stored, like every linear weight
     return params
 
 
@@ -196,7 +193,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         x, k_cache, v_cache = carry
         w, layer = layer_in
         h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-        qkv = h @ w["w_qkv"]
+        qkv = linear(h, w["w_qkv"])
         if cfg.qkv_bias:
             qkv = qkv + w["b_qkv"]
         q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
@@ -210,13 +207,13 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         k = apply_rope(k, meta.positions, params["rope_inv_freq"])
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, inputs.slot_mapping, k, v)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer)
-        o = o.reshape(t, cfg.q_size) @ w["w_o"]
+        o = linear(o.reshape(t, cfg.q_size), w["w_o"])
         if cfg.o_bias:
             o = o + w["b_o"]
         x = x + o
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-        gate, up = jnp.split(h @ w["w_gate_up"], 2, axis=-1)
-        x = x + (jax.nn.silu(gate) * up) @ w["w_down"]
+        gate, up = jnp.split(linear(h, w["w_gate_up"]), 2, axis=-1)
+        x = x + linear(jax.nn.silu(gate) * up, w["w_down"])
         return (x, k_cache, v_cache), None
 
     carry = (x, k_cache, v_cache)
@@ -228,5 +225,5 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], layer_ids))
     x, k_cache, v_cache = carry
     h = rms_norm(x[inputs.logits_indices], params["norm"], cfg.rms_norm_eps)
-    logits = lm_head(h, params.get("lm_head", params["embed"]))
+    logits = linear(h, params.get("lm_head", params["embed"]), jnp.float32)
     return logits, k_cache, v_cache
