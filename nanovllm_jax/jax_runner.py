@@ -57,7 +57,7 @@ def _forward_step(params, k_cache, v_cache, token_cache, packed, *, layout: Step
     return logits, inputs.seq_section, k_cache, v_cache, token_cache
 
 
-def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout):
+def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust: bool):
     inputs = layout.unpack(seq_section)
 
     def context():  # each row's context token ids, read through its block table (penalties only)
@@ -66,7 +66,7 @@ def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout):
         slots = inputs.block_tables[:, pos // bs] * bs + pos % bs
         return token_cache[slots], pos[None, :] < inputs.sampling.context_lens[:, None]
 
-    return sample(logits, inputs.sampling, context)
+    return sample(logits, inputs.sampling, context, adjust)
 
 
 class JaxRunner:
@@ -106,12 +106,13 @@ class JaxRunner:
             partial(_forward_step, forward=self.model.forward, model_config=mc), static_argnames=("layout",),
             donate_argnums=(1, 2, 3),
         )
-        self._sample_jit = jax.jit(_sample_step, static_argnames=("layout",))
+        self._sample_jit = jax.jit(_sample_step, static_argnames=("layout", "adjust"))
         self._forward_programs: dict[tuple[int, int], tuple[StepLayout, object]] = {}
-        self._sample_programs: dict[SeqLayout, object] = {}
+        self._sample_programs: dict[tuple[SeqLayout, bool], object] = {}
         start = time.perf_counter()
         for tokens, _ in self.buckets:
-            self._programs(tokens, MIN_BANNED_COLUMNS)
+            for adjust in (False, True):
+                self._programs(tokens, MIN_BANNED_COLUMNS, adjust)
         self.warmup_seconds = time.perf_counter() - start
         log.info("jax runner: %d forward + %d sampler programs compiled in %.1fs",
                  len(self._forward_programs), len(self._sample_programs), self.warmup_seconds)
@@ -149,8 +150,9 @@ class JaxRunner:
         seq = SeqLayout(self._seq_bucket[tokens], self.table_width, banned, self.block_size)
         return StepLayout(tokens, seq, pages, self.num_slots)
 
-    def _programs(self, tokens: int, banned: int):
-        """(layout, forward program, sampler program) for a bucket, compiled ahead of time once."""
+    def _programs(self, tokens: int, banned: int, adjust: bool):
+        """(layout, forward program, sampler program) for a bucket, compiled ahead of time once.
+        `adjust`: the sampler applies penalties and banned ids (a second sampler program per bucket)."""
         key = (tokens, banned)
         if key not in self._forward_programs:
             layout = self._layout(tokens, banned)
@@ -159,12 +161,12 @@ class JaxRunner:
                                               layout=layout)
             self._forward_programs[key] = (layout, lowered.compile())
         layout, forward = self._forward_programs[key]
-        if layout.seq not in self._sample_programs:
+        if (layout.seq, adjust) not in self._sample_programs:
             logits = jax.ShapeDtypeStruct((layout.seq.seqs, self.vocab_size), jnp.float32)
             section = jax.ShapeDtypeStruct((layout.seq.size,), jnp.int32)
-            lowered = self._sample_jit.lower(logits, self.token_cache, section, layout=layout.seq)
-            self._sample_programs[layout.seq] = lowered.compile()
-        return layout, forward, self._sample_programs[layout.seq]
+            lowered = self._sample_jit.lower(logits, self.token_cache, section, layout=layout.seq, adjust=adjust)
+            self._sample_programs[layout.seq, adjust] = lowered.compile()
+        return layout, forward, self._sample_programs[layout.seq, adjust]
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -173,7 +175,9 @@ class JaxRunner:
         banned = max(MIN_BANNED_COLUMNS, batch.sampling.banned_token_ids.shape[1])
         if banned > MIN_BANNED_COLUMNS:  # rare (many stop ids under min_tokens): one more program
             banned = bucket_for(banned, buckets(1 << 20))
-        layout, forward, sampler = self._programs(tokens, banned)
+        sp = batch.sampling
+        adjust = sp.needs_penalties or bool((sp.banned_token_ids >= 0).any())
+        layout, forward, sampler = self._programs(tokens, banned, adjust)
         assert batch.num_seqs <= layout.seq.seqs, (batch.num_seqs, layout)
         packed = jax.device_put(layout.pack(batch))
         logits, section, self.k_cache, self.v_cache, self.token_cache = forward(

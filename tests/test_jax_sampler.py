@@ -37,14 +37,14 @@ def device_inputs(sb: SamplingBatch, context_lens: np.ndarray) -> sampler.Sampli
     )
 
 
-def run(logits: np.ndarray, sb: SamplingBatch, contexts: list[np.ndarray]) -> sampler.SampleOutput:
+def run(logits: np.ndarray, sb: SamplingBatch, contexts: list[np.ndarray], adjust: bool = True) -> sampler.SampleOutput:
     width = max(len(c) for c in contexts)
     tokens = np.zeros((len(contexts), width), np.int32)
     valid = np.zeros((len(contexts), width), bool)
     for row, c in enumerate(contexts):
         tokens[row, : len(c)], valid[row, : len(c)] = c, True
     context_lens = np.array([len(c) for c in contexts])
-    fn = jax.jit(lambda lg, s: sampler.sample(lg, s, lambda: (jnp.asarray(tokens), jnp.asarray(valid))))
+    fn = jax.jit(lambda lg, s: sampler.sample(lg, s, lambda: (jnp.asarray(tokens), jnp.asarray(valid)), adjust))
     return jax.tree.map(np.asarray, fn(jnp.asarray(logits), device_inputs(sb, context_lens)))
 
 
@@ -81,7 +81,7 @@ def test_logprobs_are_raw_log_softmax(data):
 
 def kept_weights(logits, s, candidates):
     ones = jnp.ones((logits.shape[0], 1))
-    return sampler.filter_cutoff(logits, ones, s, candidates).weights(logits, jnp.arange(logits.shape[-1])[None, :])
+    return sampler.filter_cutoff(logits, ones, logits.max(axis=-1, keepdims=True), s, candidates).weights(logits, jnp.arange(logits.shape[-1])[None, :])
 
 
 @pytest.mark.parametrize("candidates", [VOCAB, 8])  # 8: top-k 10 and wide nuclei fall back to the sort
@@ -126,7 +126,7 @@ def test_draw_follows_the_softmax():
     def draw_all(logits, uniforms):
         keep_all = sampler.Cutoff(logits.max(axis=-1, keepdims=True), jnp.zeros((n, 1)),
                                   jnp.full((n, 1), vocab), jnp.zeros((n, 1)))
-        return sampler.draw(logits, keep_all, uniforms)
+        return sampler.draw(sampler.vocab_blocks(logits), jnp.ones((n, 1)), keep_all, uniforms)
 
     tokens = np.asarray(jax.jit(draw_all)(logits, jnp.asarray(uniforms)))
     assert (weights[tokens] > 0).all()
@@ -153,3 +153,16 @@ def test_top_k_one_equals_greedy(data):
     logits, contexts = data
     got = run(logits, batch(6, temperature=[1.0] * 6, top_k=[1] * 6), contexts).token_ids
     np.testing.assert_array_equal(got, np.argmax(logits, -1))
+
+
+def test_unfiltered_rows_draw_alike_whatever_their_batch_filters(data):
+    """A row without filters draws the same token in a batch where no row filters (the cheap mass
+    pass), in one where another row has min-p or top-p (the filtering pass), and in the program
+    that applies penalties and banned ids (none here)."""
+    logits, contexts = data
+    plain = dict(temperature=[0.8] * 6, seeds=[3, 4, 5, 6, 7, 8])
+    alone = run(logits, batch(6, **plain), contexts, adjust=False).token_ids
+    np.testing.assert_array_equal(run(logits, batch(6, **plain), contexts, adjust=True).token_ids, alone)
+    for other in (dict(min_p=[0.2, 0, 0, 0, 0, 0]), dict(top_p=[0.5, 1, 1, 1, 1, 1])):
+        mixed = run(logits, batch(6, **plain, **other), contexts, adjust=False).token_ids
+        np.testing.assert_array_equal(mixed[1:], alone[1:])

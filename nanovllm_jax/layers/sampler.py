@@ -71,18 +71,19 @@ def penalized_values(logits: jax.Array, s: SamplingInputs, context: ContextFn) -
 CANDIDATES = 256  # tokens ranked for top-k/top-p, unless some row's top-k or nucleus needs more
 
 
-def _blocks(x: jax.Array, fill: float) -> jax.Array:
-    """[S, V] -> [S, V / width, width] with width about sqrt(V), padding the tail with `fill`."""
+def vocab_blocks(x: jax.Array) -> jax.Array:
+    """[S, V] -> [S, V / width, width] with width about sqrt(V), the tail padded with -inf (a free
+    reshape when V is a multiple of the width). Sampling walks the vocabulary in these two levels:
+    per-block reductions are vectorized on every backend, and the second level reads one block."""
     rows, vocab = x.shape
     width = 1 << ((vocab.bit_length() + 1) // 2)
-    return jnp.pad(x, ((0, 0), (0, -vocab % width)), constant_values=fill).reshape(rows, -1, width)
+    return jnp.pad(x, ((0, 0), (0, -vocab % width)), constant_values=-jnp.inf).reshape(rows, -1, width)
 
 
-def argmax(x: jax.Array) -> jax.Array:
-    """First index of each row's maximum, in two levels (best block, then best in it): XLA:CPU's
-    argmax over a 262k row is a slow scalar loop, its plain max reduces are vectorized."""
-    blocks = _blocks(x, -jnp.inf)
-    block = jnp.argmax(blocks.max(axis=-1), axis=-1).astype(jnp.int32)
+def argmax(blocks: jax.Array, block_max: jax.Array) -> jax.Array:
+    """First index of each row's maximum from its vocab_blocks and their maxima [S, blocks] (XLA:CPU's
+    argmax over a 262k row is a slow scalar loop, its plain max reduces are vectorized)."""
+    block = jnp.argmax(block_max, axis=-1).astype(jnp.int32)
     inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
     return block * blocks.shape[-1] + jnp.argmax(inside, axis=-1).astype(jnp.int32)
 
@@ -116,8 +117,10 @@ class Cutoff(NamedTuple):
         return jnp.where(keep & (w >= row(self.min_p)), w, 0.0)
 
 
-def filter_cutoff(logits: jax.Array, temperature: jax.Array, s: SamplingInputs, candidates: int = CANDIDATES) -> Cutoff:
-    """top-k, top-p and min-p over logits / temperature [S, 1] as a Cutoff; ties keep the lower token id.
+def filter_cutoff(logits: jax.Array, temperature: jax.Array, top: jax.Array, s: SamplingInputs,
+                  candidates: int = CANDIDATES) -> Cutoff:
+    """top-k, top-p and min-p over logits / temperature [S, 1], whose row maxima are `top` [S, 1], as a
+    Cutoff; ties keep the lower token id.
 
     Rows with top-k/top-p get a cutoff (the last kept value and id) from the best `candidates`
     tokens, or from a sort of the whole row when some row's top-k exceeds them or its nucleus is
@@ -126,7 +129,6 @@ def filter_cutoff(logits: jax.Array, temperature: jax.Array, s: SamplingInputs, 
     rounding as each token's own weight. The conds get the logits, not the scaled copy: an operand
     of a cond is materialized, and the logits already are."""
     rows, vocab = logits.shape
-    top = (logits / temperature).max(axis=-1, keepdims=True)
     ranks = ((s.top_k > 0) | (s.top_p < 1.0)) & (s.temperature > 0)
 
     def ranked(_):
@@ -153,15 +155,14 @@ def filter_cutoff(logits: jax.Array, temperature: jax.Array, s: SamplingInputs, 
     return Cutoff(top, cut, cut_id, s.min_p[:, None])
 
 
-def draw(scaled: jax.Array, cutoff: Cutoff, uniforms: jax.Array) -> jax.Array:
-    """One token per row, with probability proportional to the kept weights of scaled [S, V],
-    by inverse CDF at uniforms [S, 2] in [0, 1).
+def draw(blocks: jax.Array, temperature: jax.Array, cutoff: Cutoff, uniforms: jax.Array) -> jax.Array:
+    """One token per row, with probability proportional to the kept weights of logits / temperature
+    [S, 1] (given as vocab_blocks), by inverse CDF at uniforms [S, 2] in [0, 1).
 
-    Two levels keep it O(V) with short cumulative sums: the first uniform picks a block of the
-    vocabulary by block mass, the second a token inside that block by its mass there. The weights
-    are never materialized: the block sums compute them in one fused pass and the chosen block
-    recomputes its own (XLA:CPU otherwise recomputes the exponentials per consumer, 5x slower)."""
-    blocks = _blocks(scaled, -jnp.inf)
+    The first uniform picks a block by block mass, the second a token inside that block by its mass
+    there: O(V) work with short cumulative sums. Neither the scaled logits nor the weights are
+    materialized: the block sums compute them in one fused pass and the chosen block recomputes its
+    own (XLA:CPU otherwise writes a vocabulary-sized copy per intermediate)."""
     rows, num_blocks, width = blocks.shape
     ids = jnp.arange(num_blocks * width, dtype=jnp.int32).reshape(1, num_blocks, width)
 
@@ -171,8 +172,16 @@ def draw(scaled: jax.Array, cutoff: Cutoff, uniforms: jax.Array) -> jax.Array:
         target = jnp.minimum(u[:, None] * total, jnp.nextafter(total, 0.0))
         return jnp.sum(cumulative <= target, axis=-1).astype(jnp.int32)
 
-    block = pick(jnp.cumsum(cutoff.weights(blocks, ids).sum(axis=-1), axis=-1), uniforms[:, 0])
-    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    def filtered_mass(_):
+        return cutoff.weights(blocks / temperature[:, :, None], ids).sum(axis=-1)
+
+    def plain_mass(_):  # the same weights where no row filters (w > 0 = cut, w >= 0 = min_p): 4x cheaper
+        return jnp.exp(blocks / temperature[:, :, None] - cutoff.top[:, :, None]).sum(axis=-1)
+
+    filters = jnp.any((cutoff.cut > 0) | (cutoff.min_p > 0))
+    block_mass = jax.lax.cond(filters, filtered_mass, plain_mass, None)
+    block = pick(jnp.cumsum(block_mass, axis=-1), uniforms[:, 0])
+    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0] / temperature
     inside_ids = block[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None, :]
     return block * width + pick(jnp.cumsum(cutoff.weights(inside, inside_ids), axis=-1), uniforms[:, 1])
 
@@ -181,25 +190,33 @@ def _uniforms(seed: jax.Array, context_len: jax.Array) -> jax.Array:
     return jax.random.uniform(jax.random.fold_in(jax.random.PRNGKey(seed), context_len), (2,), jnp.float32)
 
 
-def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn) -> SampleOutput:
-    """logits f32[S, V] -> one token per row (plus logprobs when the step asks for them)."""
+def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn, adjust: bool = True) -> SampleOutput:
+    """logits f32[S, V] -> one token per row (plus logprobs when the step asks for them).
+
+    `adjust` (static) applies penalties and banned ids; a step without either runs a program without
+    them, which saves a copy of the logits (XLA:CPU hoists a conditional scatter's copy out of the cond)."""
     raw = logits.astype(jnp.float32)
     rows, vocab = raw.shape
     width = jax.eval_shape(context)[0].shape[1]
     row_ids = jnp.arange(rows)[:, None]
 
-    def no_penalties(_):
-        return jnp.full((rows, width), vocab, jnp.int32), jnp.zeros((rows, width), jnp.float32)
-
-    ids, values = jax.lax.cond(s.use_penalties != 0, lambda _: penalized_values(raw, s, context), no_penalties, None)
-    banned = jnp.where(s.banned_token_ids >= 0, s.banned_token_ids, vocab)
-    logits = raw.at[row_ids, ids].set(values, mode="drop").at[row_ids, banned].set(-jnp.inf, mode="drop")
-    greedy = argmax(logits)
+    if adjust:  # penalties and banned ids, scattered into a copy of the logits
+        no_ids = jnp.full((rows, width), vocab, jnp.int32)
+        ids, values = jax.lax.cond(s.use_penalties != 0, lambda _: penalized_values(raw, s, context),
+                                   lambda _: (no_ids, jnp.zeros((rows, width), jnp.float32)), None)
+        banned = jnp.where(s.banned_token_ids >= 0, s.banned_token_ids, vocab)
+        logits = raw.at[row_ids, ids].set(values, mode="drop").at[row_ids, banned].set(-jnp.inf, mode="drop")
+    else:
+        logits = raw
+    blocks = vocab_blocks(logits)
+    block_max = blocks.max(axis=-1)
+    greedy = argmax(blocks, block_max)
 
     def sampled(_):
         temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-        cutoff = filter_cutoff(logits, temperature, s)
-        tokens = draw(logits / temperature, cutoff, jax.vmap(_uniforms)(s.seeds, s.context_lens))
+        top = block_max.max(axis=-1, keepdims=True) / temperature  # = max(logits / t): division is monotonic
+        cutoff = filter_cutoff(logits, temperature, top, s)
+        tokens = draw(blocks, temperature, cutoff, jax.vmap(_uniforms)(s.seeds, s.context_lens))
         return jnp.where(s.temperature > 0, tokens, greedy)
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda _: greedy, None)
