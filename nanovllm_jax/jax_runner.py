@@ -20,6 +20,7 @@ import numpy as np
 
 from nanovllm_jax.buckets import bucket_for, buckets, step_buckets
 from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.hugepages import advise_huge_pages
 from nanovllm_jax.layers.attention import token_block
 from nanovllm_jax.layers.sampler import sample
 from nanovllm_jax.loader import DTYPES, load_model
@@ -94,6 +95,8 @@ class JaxRunner:
         self.k_cache = jnp.zeros(cache_shape, self.cache_dtype)
         self.v_cache = jnp.zeros(cache_shape, self.cache_dtype)
         self.token_cache = jnp.zeros((self.num_slots,), jnp.int32)
+        if self.platform == "cpu":  # decode streams all weights each step: fewer TLB misses
+            advise_huge_pages((self.params, self.k_cache, self.v_cache))
 
         self.max_pages_per_chunk = max(1, MAX_CHUNK_TOKENS // self.block_size)
         self.table_width = -(-config.max_blocks_per_seq // self.max_pages_per_chunk) * self.max_pages_per_chunk
