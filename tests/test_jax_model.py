@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hf_models import load_reference, reference_logits, tiny_model_dirs
+from nanovllm_jax.layers import attention
 from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
 from nanovllm_jax.loader import load_model
 from nanovllm_jax.models import ForwardInputs
@@ -113,8 +114,10 @@ def naive_attention(q, k, v, seq_ids, pos, scale, window=None, softcap=None):
     ([16, 3, 12, 7], [9, 3, 12, 6]),  # 30 + 2 padding tokens: two blocks of 16, mixed contexts
 ])
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 3.0), (7, 2.0)])
-def test_paged_attention_matches_dense_reference(window, softcap, lens, new):
+@pytest.mark.parametrize("new_block", [32, 4])  # 4: the step's own tokens span several query/key blocks
+def test_paged_attention_matches_dense_reference(window, softcap, lens, new, new_block, monkeypatch):
     """Sequences with cached prefixes in scattered blocks, plus padding tokens; GQA 4:2."""
+    monkeypatch.setattr(attention, "NEW_BLOCK", new_block)
     rng = np.random.default_rng(0)
     h, kv, d, bs, nb = 4, 2, 8, 4, 16
     tables = np.array([[5, 2, 9, 12], [7, 0, 3, 1], [4, 6, 8, 10], [11, 13, 14, 15]])[: len(lens)]

@@ -1,8 +1,9 @@
 """Paged attention in pure JAX over one flat token batch (prefill, chunked prefill and decode alike).
 
 Every token t of sequence s attends to the positions p <= pos[t] of s. These split into two sets:
-  * this step's own new tokens (p >= cached_len[s]): a dense [T, T] score block with a
-    same-sequence causal mask, using the K/V just computed (no cache read);
+  * this step's own new tokens (p >= cached_len[s]): scored with the K/V just computed (no cache
+    read), per block of queries against the key blocks their sequences span (same-sequence causal
+    mask), so a step of many short prompts does not pay for the full [T, T];
   * the cached context (p < cached_len[s]): read from the paged cache through the block table,
     a chunk of pages at a time with an online softmax. Tokens go in blocks of TOKEN_BLOCK, each
     visiting only as many chunks as its own longest context needs, so a decode step costs
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 MASKED = -1e30  # finite, so a fully masked chunk never turns the running max into NaN
 TOKEN_BLOCK = 16  # tokens that walk their cached contexts together
+NEW_BLOCK = 32  # query (and key) block of the attention among a step's own tokens
 
 
 @partial(jax.tree_util.register_dataclass,
@@ -78,20 +80,12 @@ def paged_attention(
         s = jnp.einsum(equation, queries, keys, preferred_element_type=jnp.float32) * scale
         return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
-    def in_window(key_pos: jax.Array) -> jax.Array:  # key_pos broadcastable to [T, C]
+    def in_window(query_pos: jax.Array, key_pos: jax.Array) -> jax.Array:  # -> [queries, keys]
         if sliding_window is None:
             return jnp.ones((), bool)
-        return (pos[:, None] - key_pos) < sliding_window
+        return (query_pos[:, None] - key_pos[None, :]) < sliding_window
 
-    # This step's tokens: same sequence, causal.
-    s_new = scores(qg, k_new, "ktgd,ckd->ktgc")  # [KV, T, G, T]
-    mask = (meta.seq_ids[:, None] == meta.seq_ids[None, :]) & (pos[None, :] <= pos[:, None])
-    mask &= in_window(pos[None, :])
-    s_new = jnp.where(mask[None, :, None, :], s_new, MASKED)
-    m = s_new.max(axis=-1)  # finite: every token sees itself
-    p = jnp.exp(s_new - m[..., None])
-    l = p.sum(axis=-1)
-    acc = jnp.einsum("ktgc,ckd->ktgd", p, v_new.astype(jnp.float32))
+    m, l, acc = _attend_new_tokens(qg, k_new, v_new, meta, scores, in_window)
 
     # The cached context, per block of tokens, each block a chunk of pages at a time for as many
     # chunks as its own longest context needs: fresh prefill tokens cost nothing here, and a
@@ -112,9 +106,7 @@ def paged_attention(
             keys = gather_blocks(k_cache, layer, blocks, bs).reshape(kv, tb, chunk, d)
             vals = gather_blocks(v_cache, layer, blocks, bs).reshape(kv, tb, chunk, d)
             key_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
-            ok = key_pos[None, :] < cached_b[:, None]
-            if sliding_window is not None:
-                ok &= (pos_b[:, None] - key_pos[None, :]) < sliding_window
+            ok = (key_pos[None, :] < cached_b[:, None]) & in_window(pos_b, key_pos)
             s = jnp.where(ok[None, :, None, :], scores(q_b, keys, "ktgd,ktcd->ktgc"), MASKED)
             m_next = jnp.maximum(m, s.max(axis=-1))
             p = jnp.exp(s - m_next[..., None])
@@ -130,6 +122,53 @@ def paged_attention(
     m, l, acc = jax.lax.fori_loop(0, t // tb, visit_block, (m, l, acc))
     out = acc / l[..., None]  # [KV, T, G, D]
     return out.transpose(1, 0, 2, 3).reshape(t, h, d).astype(q.dtype)
+
+
+def _attend_new_tokens(qg, k_new, v_new, meta: AttentionMetadata, scores, in_window):
+    """Online-softmax state (m, l, acc) of every token over this step's own tokens (same sequence,
+    causal), per block of NEW_BLOCK queries: the diagonal block first (each token sees itself, so
+    m is finite from the start), then only the earlier key blocks back to where the block's first
+    sequence starts. A prefill step of many short prompts thus skips most of the dense [T, T]."""
+    kv, t, g, d = qg.shape
+    qb = math.gcd(t, NEW_BLOCK)
+    pos, seq_ids = meta.positions, meta.seq_ids
+    first = jnp.arange(t, dtype=jnp.int32) - (pos - meta.cached_lens)  # each sequence's first token here
+    keys_all = k_new.transpose(1, 0, 2)  # [KV, T, D]
+    vals_all = v_new.transpose(1, 0, 2).astype(jnp.float32)
+
+    def rows(x, start, axis=0):
+        return jax.lax.dynamic_slice_in_dim(x, start, qb, axis=axis)
+
+    def query_block(i, state):
+        start = i * qb
+        q_b, pos_b, seq_b = rows(qg, start, 1), rows(pos, start), rows(seq_ids, start)
+
+        def block_scores(j):
+            k_start = j * qb
+            k_pos, k_seq = rows(pos, k_start), rows(seq_ids, k_start)
+            ok = (seq_b[:, None] == k_seq[None, :]) & (k_pos[None, :] <= pos_b[:, None]) & in_window(pos_b, k_pos)
+            s = scores(q_b, rows(keys_all, k_start, 1), "ktgd,kcd->ktgc")
+            return jnp.where(ok[None, :, None, :], s, MASKED), rows(vals_all, k_start, 1)
+
+        s, vals = block_scores(i)
+        m = s.max(axis=-1)
+        p = jnp.exp(s - m[..., None])
+        block_state = (m, p.sum(axis=-1), jnp.einsum("ktgc,kcd->ktgd", p, vals))
+
+        def earlier(j, block_state):
+            m, l, acc = block_state
+            s, vals = block_scores(j)
+            m_next = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_next[..., None])
+            alpha = jnp.exp(m - m_next)
+            return m_next, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + jnp.einsum("ktgc,kcd->ktgd", p, vals)
+
+        block_state = jax.lax.fori_loop(rows(first, start).min() // qb, i, earlier, block_state)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, start, axis=1) for x, y in zip(state, block_state))
+
+    state = (jnp.zeros((kv, t, g), jnp.float32), jnp.zeros((kv, t, g), jnp.float32),
+             jnp.zeros((kv, t, g, d), jnp.float32))
+    return jax.lax.fori_loop(0, t // qb, query_block, state)
 
 
 def token_block(tokens: int) -> int:
