@@ -166,3 +166,17 @@ def test_unfiltered_rows_draw_alike_whatever_their_batch_filters(data):
     for other in (dict(min_p=[0.2, 0, 0, 0, 0, 0]), dict(top_p=[0.5, 1, 1, 1, 1, 1])):
         mixed = run(logits, batch(6, **plain, **other), contexts, adjust=False).token_ids
         np.testing.assert_array_equal(mixed[1:], alone[1:])
+
+
+@pytest.mark.parametrize("candidates", [VOCAB, 8])
+def test_filters_keep_lower_ids_among_tied_logits(candidates):
+    """Many exact ties at the cutoff: top-k and top-p keep the tied tokens with the lower ids,
+    whether ranked among candidates or found by bisection over the whole row."""
+    rng = np.random.default_rng(2)
+    logits = np.round(rng.standard_normal((6, VOCAB)) * 1.5).astype(np.float32)
+    top_k, top_p = [3, 0, 12, 20, 0, 7], [1.0, 0.3, 0.9, 0.5, 0.75, 0.6]
+    s = device_inputs(batch(6, temperature=[1.0] * 6, top_k=top_k, top_p=top_p), np.ones(6))
+    kept = np.asarray(jax.jit(kept_weights, static_argnums=2)(jnp.asarray(logits), s, candidates)) > 0
+    for row in range(6):
+        expected = ref.filter_logits(logits[row], top_k[row], top_p[row], 0.0)
+        np.testing.assert_array_equal(kept[row], np.isfinite(expected), err_msg=f"row {row}")
