@@ -2,7 +2,8 @@
 
 N requests of random token ids and random lengths (fixed seed), temperature 0.6, ignore_eos.
 Throughput = output tokens / wall time of one run after warm-up; latencies come from the streaming
-API (every request arrives at t=0, as in an offline batch).
+API (every request arrives at t=0, as in an offline batch). All engines load and warm up first, then
+each runs the workload in turn, --rounds times.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -46,7 +48,7 @@ def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
 
 
 class CompileCounter:
-    """Counts XLA backend compilations (JAX's monitoring event) from the moment it is reset."""
+    """Counts XLA backend compilations (JAX's monitoring event); a run reports how many happened during it."""
 
     def __init__(self):
         self.count = 0
@@ -61,9 +63,6 @@ class CompileCounter:
                 self.count += 1
 
         jax.monitoring.register_event_duration_secs_listener(on_event)
-
-    def reset(self) -> None:
-        self.count = 0
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float]:
@@ -87,7 +86,10 @@ def device_peak_mb() -> float | None:
     return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
 
 
-def run_engine(backend: str, model: str | None, workload: Workload, args, counter: CompileCounter) -> dict:
+Run = Callable[[], dict]  # one timed pass of the workload through an already warmed-up engine
+
+
+def start_engine(backend: str, model: str | None, workload: Workload, args, counter: CompileCounter) -> Run:
     from nanovllm_jax import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -96,49 +98,50 @@ def run_engine(backend: str, model: str | None, workload: Workload, args, counte
     warm = time.perf_counter()
     llm.generate([workload.prompts[0][:8]], SamplingParams(max_tokens=4), use_tqdm=False)
     warmup_s = time.perf_counter() - warm + getattr(llm.engine.runner, "warmup_seconds", 0.0)
-    counter.reset()
-
     params = [
         SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n, seed=args.seed + i)
         for i, n in enumerate(workload.output_lens)
     ]
-    first: dict[int, float] = {}
-    last: dict[int, float] = {}
-    gaps: list[float] = []
-    produced = 0
-    t0 = time.perf_counter()
-    for delta in llm.stream(workload.prompts, params):
-        now = time.perf_counter()
-        if not delta.token_ids:
-            continue
-        produced += len(delta.token_ids)
-        if delta.index in last:
-            gaps.append((now - last[delta.index]) / len(delta.token_ids))
-        else:
-            first[delta.index] = now - t0
-        last[delta.index] = now
-    wall = time.perf_counter() - t0
-    assert produced == workload.output_tokens, f"{backend} produced {produced} tokens, expected {workload.output_tokens}"
-    tpot = [
-        (last[i] - t0 - first[i]) / (n - 1) for i, n in enumerate(workload.output_lens) if n > 1
-    ]
-    return {
-        "engine": f"nanovllm_jax[{backend}]",
-        "output_tok_s": workload.output_tokens / wall,
-        "total_tok_s": (workload.output_tokens + workload.input_tokens) / wall,
-        "run_s": wall,
-        "load_s": load_s,
-        "warmup_s": warmup_s,
-        "ttft_ms": percentiles(list(first.values())),
-        "tpot_ms": percentiles(tpot),
-        "itl_ms": percentiles(gaps),
-        "compilations_after_warmup": counter.count,
-        "peak_rss_mb": peak_rss_mb(),
-        "device_peak_mb": device_peak_mb(),
-    }
+
+    def run() -> dict:
+        compiles = counter.count
+        first: dict[int, float] = {}
+        last: dict[int, float] = {}
+        gaps: list[float] = []
+        produced = 0
+        t0 = time.perf_counter()
+        for delta in llm.stream(workload.prompts, params):
+            now = time.perf_counter()
+            if not delta.token_ids:
+                continue
+            produced += len(delta.token_ids)
+            if delta.index in last:
+                gaps.append((now - last[delta.index]) / len(delta.token_ids))
+            else:
+                first[delta.index] = now - t0
+            last[delta.index] = now
+        wall = time.perf_counter() - t0
+        assert produced == workload.output_tokens, f"{backend} produced {produced} tokens, expected {workload.output_tokens}"
+        tpot = [(last[i] - t0 - first[i]) / (n - 1) for i, n in enumerate(workload.output_lens) if n > 1]
+        return {
+            "engine": f"nanovllm_jax[{backend}]",
+            "output_tok_s": workload.output_tokens / wall,
+            "total_tok_s": (workload.output_tokens + workload.input_tokens) / wall,
+            "run_s": wall,
+            "load_s": load_s,
+            "warmup_s": warmup_s,
+            "ttft_ms": percentiles(list(first.values())),
+            "tpot_ms": percentiles(tpot),
+            "itl_ms": percentiles(gaps),
+            "compilations_after_warmup": counter.count - compiles,
+            "peak_rss_mb": peak_rss_mb(),
+            "device_peak_mb": device_peak_mb(),
+        }
+
+    return run
 
 
-def run_hf(model_dir: str, workload: Workload, args) -> dict:
+def start_hf(model_dir: str, workload: Workload, args) -> Run:
     """transformers, batched as a user of `generate` would: one left-padded batch, f32 on CPU."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -159,21 +162,37 @@ def run_hf(model_dir: str, workload: Workload, args) -> dict:
     warm = time.perf_counter()
     with torch.inference_mode():
         model.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], **(sampling | dict(min_new_tokens=4, max_new_tokens=4)))
-        warmup_s = time.perf_counter() - warm
+    warmup_s = time.perf_counter() - warm
+
+    def run() -> dict:
         t0 = time.perf_counter()
-        model.generate(ids, attention_mask=mask, **sampling)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, **sampling)
         wall = time.perf_counter() - t0
-    # Counted the same way: each request's own max_tokens, not the batch's padding to the longest.
-    return {
-        "engine": "transformers",
-        "output_tok_s": workload.output_tokens / wall,
-        "total_tok_s": (workload.output_tokens + workload.input_tokens) / wall,
-        "run_s": wall,
-        "load_s": load_s,
-        "warmup_s": warmup_s,
-        "peak_rss_mb": peak_rss_mb(),
-        "torch": torch.__version__,
-    }
+        # Counted the same way: each request's own max_tokens, not the batch's padding to the longest.
+        return {
+            "engine": "transformers",
+            "output_tok_s": workload.output_tokens / wall,
+            "total_tok_s": (workload.output_tokens + workload.input_tokens) / wall,
+            "run_s": wall,
+            "load_s": load_s,
+            "warmup_s": warmup_s,
+            "peak_rss_mb": peak_rss_mb(),
+            "torch": torch.__version__,
+        }
+
+    return run
+
+
+def median_round(rounds: list[list[dict]], engine: int) -> dict:
+    """The engine's run from the round where its throughput was the median (the lower one of two)."""
+    ranked = sorted((r[engine] for r in rounds), key=lambda run: run["output_tok_s"])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def median_ratio(rounds: list[list[dict]], engine: int, base: int) -> float:
+    """Median over rounds of engine / base throughput, each ratio from one round (the same machine state)."""
+    return float(np.median([r[engine]["output_tok_s"] / r[base]["output_tok_s"] for r in rounds]))
 
 
 def engine_kwargs(args) -> dict:
@@ -214,6 +233,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, help="engine max_num_seqs (default: the engine's)")
     p.add_argument("--max-num-batched-tokens", type=int, help="engine token budget per step (default: the engine's)")
     p.add_argument("--block-size", type=int, help="KV cache block size (default: the engine's)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every engine this many times, in turn, and report each engine's median round and "
+                        "the median of the per-round speedups (steadier on a shared machine; default: 1)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     args = p.parse_args(argv)
     for backend in args.backend:
@@ -223,6 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need 1 <= --min-input-len <= --max-input-len")
     if args.min_output_len < 1 or args.min_output_len > args.max_output_len:
         p.error("need 1 <= --min-output-len <= --max-output-len")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if args.compare and args.backend == ["mock"]:
         p.error("--compare hf needs a real model (backend jax or onnx)")
     return args
@@ -235,13 +259,20 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = _vocab_size(model)
     workload = make_workload(args, vocab)
     print(f"workload: {args.num_seqs} seqs, {workload.input_tokens} input + {workload.output_tokens} output tokens")
-    runs = []
-    for backend in args.backend:
-        runs.append(run_engine(backend, model, workload, args, counter))
-        print(format_run(runs[-1]))
+    runners = [start_engine(backend, model, workload, args, counter) for backend in args.backend]
     if args.compare == "hf":
-        runs.append(run_hf(model, workload, args))
-        print(format_run(runs[-1]))
+        runners.append(start_hf(model, workload, args))
+    rounds = []
+    for n in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {n + 1}/{args.rounds}")
+        rounds.append([])
+        for run in runners:
+            rounds[-1].append(run())
+            print(format_run(rounds[-1][-1]))
+    runs = [median_round(rounds, i) for i in range(len(runners))]
+    if args.rounds > 1:
+        print(f"median round per engine ({args.rounds} rounds):\n" + "\n".join(map(format_run, runs)))
     result = {
         "command": "python -m nanovllm_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus(),
@@ -250,15 +281,17 @@ def main(argv: list[str] | None = None) -> dict:
         "model_name": args.random_weights or args.model or ("mock" if model is None else "embedded Gemma 3 270M"),
         "workload": {k: getattr(args, k) for k in ("num_seqs", "min_input_len", "max_input_len", "min_output_len",
                                                    "max_output_len", "seed", "temperature")},
+        "rounds": args.rounds,
         "runs": runs,
     }
+    if args.rounds > 1:
+        result["all_rounds"] = rounds
+    engines = range(len(args.backend))
     if args.compare == "hf":
-        hf = runs[-1]["output_tok_s"]
-        result["speedup_vs_hf"] = {run["engine"]: run["output_tok_s"] / hf for run in runs[:-1]}
+        result["speedup_vs_hf"] = {runs[i]["engine"]: median_ratio(rounds, i, len(runners) - 1) for i in engines}
         print("speedup vs transformers: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_vs_hf"].items()))
     if len(args.backend) > 1:
-        base = runs[0]["output_tok_s"]
-        result["ratio_vs_first_backend"] = {run["engine"]: run["output_tok_s"] / base for run in runs[1:len(args.backend)]}
+        result["ratio_vs_first_backend"] = {runs[i]["engine"]: median_ratio(rounds, i, 0) for i in engines[1:]}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -20,6 +20,23 @@ def test_bench_on_the_mock_reports_every_field(tmp_path):
     assert result["workload"]["num_seqs"] == 6
 
 
+def test_bench_rounds_report_the_median_round(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--backend", "mock", "--num-seqs", "4", "--min-input-len", "4", "--max-input-len", "20",
+                "--min-output-len", "2", "--max-output-len", "6", "--rounds", "3", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["rounds"] == 3 and len(result["all_rounds"]) == 3
+    speeds = sorted(r[0]["output_tok_s"] for r in result["all_rounds"])
+    assert result["runs"][0]["output_tok_s"] == speeds[1]
+
+
+def test_speedup_is_the_median_of_per_round_ratios():
+    rounds = [[{"output_tok_s": a}, {"output_tok_s": b}] for a, b in ((10, 5), (30, 10), (20, 4))]
+    assert bench.median_ratio(rounds, 0, 1) == 3.0  # ratios 2, 3, 5 (not 20 / 5 from the medians)
+    assert bench.median_round(rounds, 0)["output_tok_s"] == 20
+    assert bench.median_round(rounds[:2], 1)["output_tok_s"] == 5  # the lower of two
+
+
 def test_bench_workload_is_seeded():
     args = bench.parse_args(["--backend", "mock", "--num-seqs", "5"])
     a, b = bench.make_workload(args, 1024), bench.make_workload(args, 1024)
@@ -28,7 +45,7 @@ def test_bench_workload_is_seeded():
 
 
 @pytest.mark.parametrize("argv", [["--backend", "tpu"], ["--min-input-len", "9", "--max-input-len", "3"],
-                                  ["--backend", "mock", "--compare", "hf"]])
+                                  ["--backend", "mock", "--compare", "hf"], ["--rounds", "0"]])
 def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
