@@ -27,7 +27,10 @@ def run_sweep(out: Path, num_seqs: list[int], bench_args: list[str]) -> list[dic
 
 
 def plot(results: list[dict], png: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("the plot needs matplotlib: .venv/bin/pip install -e '.[plot]' (then rerun with --plot-only)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -104,6 +104,8 @@ def start_engine(backend: str, model: str | None, workload: Workload, args, coun
     ]
 
     def run() -> dict:
+        if not llm.reset_prefix_cache():  # every round prefills its prompts, as the first did
+            raise RuntimeError("requests still running: cannot reset the prefix cache")
         compiles = counter.count
         first: dict[int, float] = {}
         last: dict[int, float] = {}

@@ -123,6 +123,15 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (e.g. between benchmark runs); only while no block is in use."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.hash = block.token_ids = None
+        self.hash_to_block.clear()
+        return True
+
     def _take_free_block(self) -> int:
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]

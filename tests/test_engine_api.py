@@ -212,6 +212,22 @@ def test_abort_frees_blocks(llm):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_reset_prefix_cache_forgets_cached_prompts_only_when_idle(llm):
+    prompt = list(range(3, 70))  # four full blocks of 16
+    params = SamplingParams(max_tokens=2, **GREEDY)
+    first = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert llm.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens == 64
+    rid = llm.engine.add_request(prompt, params)
+    llm.engine.step()
+    assert not llm.reset_prefix_cache()  # a request holds blocks: nothing changes
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    llm.engine.release(rid)
+    assert llm.reset_prefix_cache()
+    again = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0 and again.token_ids == first.token_ids
+
+
 def test_chat_applies_the_model_chat_template(tmp_path):
     shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
     template = (
