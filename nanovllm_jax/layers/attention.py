@@ -101,19 +101,13 @@ def paged_attention(
         tables_b = jax.lax.dynamic_slice_in_dim(meta.block_tables, start, tb, axis=0)
 
         def visit(j, block_state):
-            m, l, acc = block_state
             blocks = jax.lax.dynamic_slice_in_dim(tables_b, j * ppc, ppc, axis=1)  # [tb, P]
             keys = gather_blocks(k_cache, layer, blocks, bs).reshape(kv, tb, chunk, d)
             vals = gather_blocks(v_cache, layer, blocks, bs).reshape(kv, tb, chunk, d)
             key_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
             ok = (key_pos[None, :] < cached_b[:, None]) & in_window(pos_b, key_pos)
             s = jnp.where(ok[None, :, None, :], scores(q_b, keys, "ktgd,ktcd->ktgc"), MASKED)
-            m_next = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.exp(s - m_next[..., None])
-            alpha = jnp.exp(m - m_next)
-            l = l * alpha + p.sum(axis=-1)
-            acc = acc * alpha[..., None] + jnp.einsum("ktgc,ktcd->ktgd", p, vals.astype(jnp.float32))
-            return m_next, l, acc
+            return _online_softmax_step(block_state, s, vals.astype(jnp.float32), "ktgc,ktcd->ktgd")
 
         block_state = tuple(jax.lax.dynamic_slice_in_dim(x, start, tb, axis=1) for x in state)
         block_state = jax.lax.fori_loop(0, (cached_b.max() + chunk - 1) // chunk, visit, block_state)
@@ -127,8 +121,8 @@ def paged_attention(
 def _attend_new_tokens(qg, k_new, v_new, meta: AttentionMetadata, scores, in_window):
     """Online-softmax state (m, l, acc) of every token over this step's own tokens (same sequence,
     causal), per block of NEW_BLOCK queries: the diagonal block first (each token sees itself, so
-    m is finite from the start), then only the earlier key blocks back to where the block's first
-    sequence starts. A prefill step of many short prompts thus skips most of the dense [T, T]."""
+    m is finite after it and masked keys weigh 0), then only the earlier key blocks back to where
+    the block's first sequence starts. A prefill step of many short prompts thus skips most of the dense [T, T]."""
     kv, t, g, d = qg.shape
     qb = math.gcd(t, NEW_BLOCK)
     pos, seq_ids = meta.positions, meta.seq_ids
@@ -150,25 +144,26 @@ def _attend_new_tokens(qg, k_new, v_new, meta: AttentionMetadata, scores, in_win
             s = scores(q_b, rows(keys_all, k_start, 1), "ktgd,kcd->ktgc")
             return jnp.where(ok[None, :, None, :], s, MASKED), rows(vals_all, k_start, 1)
 
-        s, vals = block_scores(i)
-        m = s.max(axis=-1)
-        p = jnp.exp(s - m[..., None])
-        block_state = (m, p.sum(axis=-1), jnp.einsum("ktgc,kcd->ktgd", p, vals))
+        def visit(j, block_state):
+            return _online_softmax_step(block_state, *block_scores(j), "ktgc,kcd->ktgd")
 
-        def earlier(j, block_state):
-            m, l, acc = block_state
-            s, vals = block_scores(j)
-            m_next = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.exp(s - m_next[..., None])
-            alpha = jnp.exp(m - m_next)
-            return m_next, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + jnp.einsum("ktgc,kcd->ktgd", p, vals)
-
-        block_state = jax.lax.fori_loop(rows(first, start).min() // qb, i, earlier, block_state)
+        empty = (jnp.full((kv, qb, g), MASKED), jnp.zeros((kv, qb, g)), jnp.zeros((kv, qb, g, d)))
+        block_state = jax.lax.fori_loop(rows(first, start).min() // qb, i, visit, visit(i, empty))
         return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, start, axis=1) for x, y in zip(state, block_state))
 
     state = (jnp.zeros((kv, t, g), jnp.float32), jnp.zeros((kv, t, g), jnp.float32),
              jnp.zeros((kv, t, g, d), jnp.float32))
     return jax.lax.fori_loop(0, t // qb, query_block, state)
+
+
+def _online_softmax_step(state, s: jax.Array, vals: jax.Array, pv_equation: str):
+    """Fold one block of masked scores s [KV, T, G, C] and its values into the running (max, sum,
+    weighted values) of every query row."""
+    m, l, acc = state
+    m_next = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.exp(s - m_next[..., None])
+    alpha = jnp.exp(m - m_next)
+    return m_next, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + jnp.einsum(pv_equation, p, vals)
 
 
 def token_block(tokens: int) -> int:
