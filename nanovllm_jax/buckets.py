@@ -3,9 +3,9 @@ compiled at start-up serve the whole run."""
 from __future__ import annotations
 
 
-def buckets(limit: int) -> list[int]:
-    """1, 2, 4, ... below `limit`, then `limit` itself (up to and including it)."""
-    sizes, n = [], 1
+def buckets(limit: int, smallest: int = 1) -> list[int]:
+    """smallest, 2 * smallest, 4 * smallest, ... below `limit`, then `limit` itself."""
+    sizes, n = [], smallest
     while n < limit:
         sizes.append(n)
         n *= 2
@@ -20,8 +20,8 @@ def bucket_for(n: int, sizes: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
-def step_buckets(max_tokens: int, max_seqs: int) -> list[tuple[int, int]]:
+def step_buckets(max_tokens: int, max_seqs: int, smallest: int = 1) -> list[tuple[int, int]]:
     """(token bucket, sequence bucket) pairs. A step has no more sequences than tokens, so each token
     bucket carries one sequence bucket: the smallest holding min(tokens, max_seqs)."""
-    seq_sizes = buckets(max_seqs)
-    return [(t, bucket_for(min(t, max_seqs), seq_sizes)) for t in buckets(max_tokens)]
+    seq_sizes = buckets(max_seqs, smallest)
+    return [(t, bucket_for(min(t, max_seqs), seq_sizes)) for t in buckets(max_tokens, smallest)]

@@ -9,8 +9,10 @@ other shape raises instead of silently recompiling.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +23,6 @@ import numpy as np
 from nanovllm_jax.buckets import bucket_for, buckets, step_buckets
 from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.hugepages import advise_huge_pages
-from nanovllm_jax.layers.attention import token_block
 from nanovllm_jax.layers.sampler import sample
 from nanovllm_jax.loader import DTYPES, load_model
 from nanovllm_jax.runner import StepBatch, StepOutput
@@ -30,11 +31,40 @@ from nanovllm_jax.step_packing import SeqLayout, StepLayout
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default CPU budget (capped at what max_num_seqs full-length sequences use)
-# Cached-context tokens a block of tokens reads per loop iteration: block * chunk about CHUNK_BUDGET
-# keeps the gathered chunk in cache (on CPU a 32-token decode ran 4x faster with 16-token chunks than 256).
-MAX_CHUNK_TOKENS = 128
-CHUNK_BUDGET = 512
 MIN_BANNED_COLUMNS = 16
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a step's attention is split into loop iterations, and the smallest step bucket, per platform."""
+
+    token_block: int  # tokens that walk their cached contexts together
+    new_block: int  # query block of the attention among the step's own tokens
+    chunk_budget: int  # token_block * context tokens read per iteration
+    max_chunk_tokens: int
+    context_kernel: bool  # the cached context through the Pallas kernel
+    smallest_bucket: int
+
+
+TILINGS = {
+    # XLA:CPU: blocks whose gathered chunk stays in cache (a 32-token decode ran 4x faster with
+    # 16-token chunks than with 256).
+    "cpu": Tiling(16, 32, 512, 128, context_kernel=False, smallest_bucket=1),
+    # Accelerators: few, wide loop iterations (each costs kernel launches); padding small steps is cheap.
+    "gpu": Tiling(256, 512, 1 << 17, 128, context_kernel=True, smallest_bucket=16),
+    "tpu": Tiling(256, 512, 1 << 17, 1024, context_kernel=False, smallest_bucket=16),
+}
+
+
+def tiling_for(platform: str) -> Tiling:
+    """The platform's tiling; NANOVLLM_JAX_ATTENTION=xla|pallas picks the GPU context path."""
+    tiling = TILINGS.get(platform, TILINGS["tpu"])
+    choice = os.environ.get("NANOVLLM_JAX_ATTENTION", "")
+    if choice not in ("", "xla", "pallas"):
+        raise ValueError(f"NANOVLLM_JAX_ATTENTION must be 'xla' or 'pallas', got {choice!r}")
+    if choice == "pallas" and platform != "gpu":
+        raise ValueError(f"NANOVLLM_JAX_ATTENTION=pallas needs a GPU (the platform is {platform})")
+    return replace(tiling, context_kernel=choice == "pallas") if choice else tiling
 
 
 def enable_compilation_cache(cache_dir: str | None) -> str:
@@ -78,6 +108,7 @@ class JaxRunner:
             raise ValueError("the jax backend needs a model dir")
         self.compilation_cache_dir = enable_compilation_cache(config.compilation_cache_dir)
         self.platform = jax.default_backend()
+        self.tiling = tiling_for(self.platform)
         self.dtype = config.dtype or ("float32" if self.platform == "cpu" else "bfloat16")
         # XLA:CPU copies each layer's weights out of a stacked array under scan: unroll there instead.
         self.scan_layers = self.platform != "cpu"
@@ -98,9 +129,9 @@ class JaxRunner:
         if self.platform == "cpu":  # decode streams all weights each step: fewer TLB misses
             advise_huge_pages((self.params, self.k_cache, self.v_cache))
 
-        self.max_pages_per_chunk = max(1, MAX_CHUNK_TOKENS // self.block_size)
+        self.max_pages_per_chunk = max(1, self.tiling.max_chunk_tokens // self.block_size)
         self.table_width = -(-config.max_blocks_per_seq // self.max_pages_per_chunk) * self.max_pages_per_chunk
-        self.buckets = step_buckets(config.max_num_batched_tokens, config.max_num_seqs)
+        self.buckets = step_buckets(config.max_num_batched_tokens, config.max_num_seqs, self.tiling.smallest_bucket)
         self._token_buckets = [t for t, _ in self.buckets]
         self._seq_bucket = dict(self.buckets)
         # Two programs per step: the forward for the token bucket, then the sampler for the sequence
@@ -148,10 +179,13 @@ class JaxRunner:
     # ---- compilation ----------------------------------------------------------------------
 
     def _layout(self, tokens: int, banned: int) -> StepLayout:
-        pages = min(self.max_pages_per_chunk, max(1, CHUNK_BUDGET // token_block(tokens) // self.block_size))
+        tiling = self.tiling
+        token_block = math.gcd(tokens, tiling.token_block)
+        pages = min(self.max_pages_per_chunk, max(1, tiling.chunk_budget // token_block // self.block_size))
         pages = 1 << (pages.bit_length() - 1)  # a power of two, so it divides table_width
         seq = SeqLayout(self._seq_bucket[tokens], self.table_width, banned, self.block_size)
-        return StepLayout(tokens, seq, pages, self.num_slots)
+        return StepLayout(tokens, seq, pages, self.num_slots, token_block, math.gcd(tokens, tiling.new_block),
+                          tiling.context_kernel)
 
     def _programs(self, tokens: int, banned: int, adjust: bool):
         """(layout, forward program, sampler program) for a bucket, compiled ahead of time once.

@@ -124,6 +124,9 @@ class StepLayout:
     seq: SeqLayout
     pages_per_chunk: int
     num_slots: int  # padding tokens write to this (out-of-range) slot
+    token_block: int = 16  # attention tiling: see AttentionMetadata
+    new_block: int = 32
+    context_kernel: bool = False
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -172,6 +175,9 @@ class StepLayout:
             block_tables=tables[jnp.maximum(seq_ids, 0)],
             block_size=seq.block_size,
             pages_per_chunk=self.pages_per_chunk,
+            token_block=self.token_block,
+            new_block=self.new_block,
+            context_kernel=self.context_kernel,
         )
         logits_indices = _view(seq_section, seq.shapes, seq.offsets, "logits_indices")
         forward = ForwardInputs(field("input_ids"), field("slot_mapping"), logits_indices, attn)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from hf_models import load_reference, reference_logits, tiny_model_dirs
-from nanovllm_jax.layers import attention
 from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
 from nanovllm_jax.loader import load_model
 from nanovllm_jax.models import ForwardInputs
@@ -28,7 +27,8 @@ def model_dirs(tmp_path_factory):
 class PagedModel:
     """Drives a model's forward directly: sequence i owns blocks [i * BLOCKS_PER_SEQ, ...)."""
 
-    def __init__(self, model_dir, stacked: bool, num_seqs: int = 3):
+    def __init__(self, model_dir, stacked: bool, num_seqs: int = 3, context_kernel: bool = False):
+        self.context_kernel = context_kernel
         self.module, self.cfg, self.params = load_model(model_dir, "float32", stacked=stacked)
         shape = (self.cfg.num_layers, self.cfg.num_kv_heads, num_seqs * BLOCKS_PER_SEQ * BLOCK, self.cfg.head_dim)
         self.k, self.v = jnp.zeros(shape), jnp.zeros(shape)
@@ -51,7 +51,7 @@ class PagedModel:
         meta = AttentionMetadata(
             positions=jnp.array(pos, jnp.int32), seq_ids=jnp.asarray(seq_ids),
             cached_lens=jnp.array(cached, jnp.int32), block_tables=jnp.asarray(tables[seq_ids], jnp.int32),
-            block_size=BLOCK, pages_per_chunk=PAGES_PER_CHUNK,
+            block_size=BLOCK, pages_per_chunk=PAGES_PER_CHUNK, context_kernel=self.context_kernel,
         )
         inputs = ForwardInputs(jnp.array(ids, jnp.int32), jnp.array(slots, jnp.int32),
                                jnp.arange(len(ids), dtype=jnp.int32), meta)
@@ -64,13 +64,15 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("name,stacked", [("qwen3", True), ("qwen2", False), ("llama3", False)])
-def test_prefill_chunked_and_decode_logits_match_transformers(model_dirs, name, stacked):
+@pytest.mark.parametrize("name,stacked,kernel", [("qwen3", True, False), ("qwen2", False, False),
+                                                 ("llama3", False, False), ("qwen3", True, True)])
+def test_prefill_chunked_and_decode_logits_match_transformers(model_dirs, name, stacked, kernel):
+    """kernel: the cached context through the Pallas kernel (interpret mode here), under lax.scan as on GPU."""
     ref = load_reference(model_dirs[name])
     rng = np.random.default_rng(1)
     seqs = [rng.integers(2, 1024, size=n).tolist() for n in (40, 23, 30)]
     expected = [reference_logits(ref, s) for s in seqs]
-    model = PagedModel(model_dirs[name], stacked)
+    model = PagedModel(model_dirs[name], stacked, context_kernel=kernel)
     got = {0: [], 1: [], 2: []}
     # fresh prefills of two sequences; a chunk with a cached prefix beside a fresh prefill; a
     # one-token chunk; then decode steps of all three together (T == S).
@@ -114,10 +116,15 @@ def naive_attention(q, k, v, seq_ids, pos, scale, window=None, softcap=None):
     ([16, 3, 12, 7], [9, 3, 12, 6]),  # 30 + 2 padding tokens: two blocks of 16, mixed contexts
 ])
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 3.0), (7, 2.0)])
-@pytest.mark.parametrize("new_block", [32, 4])  # 4: the step's own tokens span several query/key blocks
-def test_paged_attention_matches_dense_reference(window, softcap, lens, new, new_block, monkeypatch):
-    """Sequences with cached prefixes in scattered blocks, plus padding tokens; GQA 4:2."""
-    monkeypatch.setattr(attention, "NEW_BLOCK", new_block)
+@pytest.mark.parametrize("tiling", [
+    dict(),  # the CPU defaults
+    dict(new_block=4),  # the step's own tokens span several query/key blocks
+    dict(token_block=256, new_block=512),  # the accelerators' wide blocks
+    dict(context_kernel=True),  # the Pallas context kernel (interpret mode here)
+], ids=["cpu", "new_block4", "wide", "kernel"])
+def test_paged_attention_matches_dense_reference(window, softcap, lens, new, tiling):
+    """Sequences with cached prefixes in scattered blocks of layer 1 (layer 0 holds other data), plus
+    padding tokens; GQA 4:2."""
     rng = np.random.default_rng(0)
     h, kv, d, bs, nb = 4, 2, 8, 4, 16
     tables = np.array([[5, 2, 9, 12], [7, 0, 3, 1], [4, 6, 8, 10], [11, 13, 14, 15]])[: len(lens)]
@@ -125,11 +132,10 @@ def test_paged_attention_matches_dense_reference(window, softcap, lens, new, new
     q_all = rng.standard_normal((sum(lens), h, d)).astype(np.float32)
     seq_of = np.repeat(np.arange(len(lens)), lens)
     pos_of = np.concatenate([np.arange(n) for n in lens])
-    k_cache = np.zeros((1, kv, nb * bs, d), np.float32)
-    v_cache = np.zeros_like(k_cache)
+    k_cache, v_cache = rng.standard_normal((2, 2, kv, nb * bs, d)).astype(np.float32)
     slots = tables[seq_of, pos_of // bs] * bs + pos_of % bs
-    k_cache[0][:, slots] = k_all.transpose(1, 0, 2)
-    v_cache[0][:, slots] = v_all.transpose(1, 0, 2)
+    k_cache[1][:, slots] = k_all.transpose(1, 0, 2)
+    v_cache[1][:, slots] = v_all.transpose(1, 0, 2)
     is_new = np.concatenate([np.arange(n) >= n - m for n, m in zip(lens, new)])
     pad = 2
     q = np.concatenate([q_all[is_new], np.zeros((pad, h, d), np.float32)])
@@ -139,9 +145,10 @@ def test_paged_attention_matches_dense_reference(window, softcap, lens, new, new
     positions = np.concatenate([pos_of[is_new], [0] * pad]).astype(np.int32)
     cached = np.array([lens[s] - new[s] if s >= 0 else 0 for s in seq_ids], np.int32)
     meta = AttentionMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(cached),
-                             jnp.asarray(tables[np.maximum(seq_ids, 0)], jnp.int32), bs, 2)
+                             jnp.asarray(tables[np.maximum(seq_ids, 0)], jnp.int32), bs, 2, **tiling)
     out = paged_attention(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_cache),
-                          jnp.asarray(v_cache), meta, scale=0.3, layer=0, sliding_window=window, softcap=softcap)
+                          jnp.asarray(v_cache), meta, scale=0.3, layer=jnp.int32(1), sliding_window=window,
+                          softcap=softcap)
     expected = naive_attention(q_all, k_all, v_all, seq_of, pos_of, 0.3, window, softcap)[is_new]
     np.testing.assert_allclose(np.asarray(out)[: is_new.sum()], expected, rtol=1e-5, atol=1e-5)
 

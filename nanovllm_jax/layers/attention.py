@@ -5,9 +5,11 @@ Every token t of sequence s attends to the positions p <= pos[t] of s. These spl
     read), per block of queries against the key blocks their sequences span (same-sequence causal
     mask), so a step of many short prompts does not pay for the full [T, T];
   * the cached context (p < cached_len[s]): read from the paged cache through the block table,
-    a chunk of pages at a time with an online softmax. Tokens go in blocks of TOKEN_BLOCK, each
+    a chunk of pages at a time with an online softmax. Tokens go in blocks of `token_block`, each
     visiting only as many chunks as its own longest context needs, so a decode step costs
     O(sum of contexts) and fresh prefill tokens skip the cache, even in a step that mixes both.
+    On GPU a Pallas kernel (context_kernel.py) does this part instead: one program per token and
+    kv head reads its own pages, with no gathered copy.
 Decode is the special case T == S: every token is its own sequence and reads its pages once.
 The cache is the stacked [layers, kv_heads, slots, head_dim] array (slot = block * block_size +
 offset): kv-head-major, so a gathered chunk already has the [kv_head, token, key, dim] layout the
@@ -22,24 +24,27 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from nanovllm_jax.layers.context_kernel import context_attention
+
 MASKED = -1e30  # finite, so a fully masked chunk never turns the running max into NaN
-TOKEN_BLOCK = 16  # tokens that walk their cached contexts together
-NEW_BLOCK = 32  # query (and key) block of the attention among a step's own tokens
 
 
 @partial(jax.tree_util.register_dataclass,
          data_fields=["positions", "seq_ids", "cached_lens", "block_tables"],
-         meta_fields=["block_size", "pages_per_chunk"])
+         meta_fields=["block_size", "pages_per_chunk", "token_block", "new_block", "context_kernel"])
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """Per-token attention inputs; a pytree whose two sizes are static (part of the compiled shape)."""
+    """Per-token attention inputs; a pytree whose sizes and tiling are static (part of the compiled program)."""
 
     positions: jax.Array  # i32[T]
     seq_ids: jax.Array  # i32[T]; -1 for padding tokens (they attend only among themselves)
     cached_lens: jax.Array  # i32[T]; positions of the token's sequence already in the cache before this step
     block_tables: jax.Array  # i32[T, W]; the token's sequence's block table, W a multiple of pages_per_chunk
-    block_size: int  # static
-    pages_per_chunk: int  # static
+    block_size: int
+    pages_per_chunk: int  # pages of context read per loop iteration
+    token_block: int = 16  # tokens that walk their cached contexts together (a power of two)
+    new_block: int = 32  # query (and key) block of the attention among a step's own tokens
+    context_kernel: bool = False  # the cached context through the Pallas kernel (GPU) instead of the walk
 
 
 def gather_blocks(cache: jax.Array, layer: jax.Array | int, block_ids: jax.Array, block_size: int) -> jax.Array:
@@ -85,14 +90,27 @@ def paged_attention(
             return jnp.ones((), bool)
         return (query_pos[:, None] - key_pos[None, :]) < sliding_window
 
-    m, l, acc = _attend_new_tokens(qg, k_new, v_new, meta, scores, in_window)
+    state = _attend_new_tokens(qg, k_new, v_new, meta, scores, in_window)
+    if meta.context_kernel:
+        context = context_attention(qg, k_cache, v_cache, layer, meta, scale=scale,
+                                    sliding_window=sliding_window, softcap=softcap)
+        m, l, acc = _merge_states(state, context)
+    else:
+        m, l, acc = _walk_cached_context(qg, k_cache, v_cache, layer, meta, state, scores, in_window)
+    out = acc / l[..., None]  # [KV, T, G, D]
+    return out.transpose(1, 0, 2, 3).reshape(t, h, d).astype(q.dtype)
 
+
+def _walk_cached_context(qg, k_cache, v_cache, layer, meta: AttentionMetadata, state, scores, in_window):
+    """Fold every token's cached context into its online-softmax state, in pure JAX."""
+    kv, t, _, d = qg.shape
+    pos = meta.positions
     # The cached context, per block of tokens, each block a chunk of pages at a time for as many
     # chunks as its own longest context needs: fresh prefill tokens cost nothing here, and a
     # prefill step that also carries decodes does not make all its tokens walk the decodes' contexts.
     bs, ppc = meta.block_size, meta.pages_per_chunk
     chunk = bs * ppc
-    tb = token_block(t)
+    tb = math.gcd(t, meta.token_block)
 
     def visit_block(b, state):
         start = b * tb
@@ -113,18 +131,16 @@ def paged_attention(
         block_state = jax.lax.fori_loop(0, (cached_b.max() + chunk - 1) // chunk, visit, block_state)
         return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, start, axis=1) for x, y in zip(state, block_state))
 
-    m, l, acc = jax.lax.fori_loop(0, t // tb, visit_block, (m, l, acc))
-    out = acc / l[..., None]  # [KV, T, G, D]
-    return out.transpose(1, 0, 2, 3).reshape(t, h, d).astype(q.dtype)
+    return jax.lax.fori_loop(0, t // tb, visit_block, state)
 
 
 def _attend_new_tokens(qg, k_new, v_new, meta: AttentionMetadata, scores, in_window):
     """Online-softmax state (m, l, acc) of every token over this step's own tokens (same sequence,
-    causal), per block of NEW_BLOCK queries: the diagonal block first (each token sees itself, so
+    causal), per block of meta.new_block queries: the diagonal block first (each token sees itself, so
     m is finite after it and masked keys weigh 0), then only the earlier key blocks back to where
     the block's first sequence starts. A prefill step of many short prompts thus skips most of the dense [T, T]."""
     kv, t, g, d = qg.shape
-    qb = math.gcd(t, NEW_BLOCK)
+    qb = math.gcd(t, meta.new_block)
     pos, seq_ids = meta.positions, meta.seq_ids
     first = jnp.arange(t, dtype=jnp.int32) - (pos - meta.cached_lens)  # each sequence's first token here
     keys_all = k_new.transpose(1, 0, 2)  # [KV, T, D]
@@ -166,6 +182,8 @@ def _online_softmax_step(state, s: jax.Array, vals: jax.Array, pv_equation: str)
     return m_next, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + jnp.einsum(pv_equation, p, vals)
 
 
-def token_block(tokens: int) -> int:
-    """Tokens per block of the context loop: the largest power of two up to TOKEN_BLOCK dividing `tokens`."""
-    return math.gcd(tokens, TOKEN_BLOCK)
+def _merge_states(a, b):
+    """Online-softmax states of the same query rows over two disjoint key sets -> over their union."""
+    m = jnp.maximum(a[0], b[0])
+    wa, wb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
+    return m, a[1] * wa + b[1] * wb, a[2] * wa[..., None] + b[2] * wb[..., None]

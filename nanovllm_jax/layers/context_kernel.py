@@ -1,0 +1,99 @@
+"""The cached-context half of paged attention as a Pallas (Triton) kernel, for GPUs.
+
+One program per (token, kv head) reads only its own sequence's pages, `pages_per_chunk` pages per
+loop iteration, straight from the stacked cache: no gathered copy of the context in device memory
+and no padding to the longest context in the step (the pure-JAX walk in attention.py pays both).
+It returns the online-softmax state (max, sum, weighted values) that attention.py merges with the
+state over the step's own tokens. Elsewhere than on a GPU it runs in Pallas' interpret mode (tests).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+MASKED = -1e30
+EXACT = jax.lax.Precision.HIGHEST  # f32 caches: IEEE dots, not Triton's default TF32 (no effect on bf16)
+MIN_DOT_ROWS = 16  # Triton's dot needs at least 16 rows: the query heads of a kv head are padded up to it
+
+
+def context_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int, meta, *,
+                      scale: float, sliding_window: int | jax.Array | None, softcap: float | None):
+    """qg [KV, T, G, D] over each token's cached context (positions < meta.cached_lens, inside the
+    window) in k/v_cache [L, KV, slots, D] at `layer` -> f32 state (m [KV,T,G], l [KV,T,G], acc [KV,T,G,D])."""
+    kv, t, g, d = qg.shape
+    num_layers, _, slots, _ = k_cache.shape
+    bs, pages = meta.block_size, meta.pages_per_chunk
+    blocks = slots // bs
+    rows = max(MIN_DOT_ROWS, pl.next_power_of_2(g))
+    q = jnp.pad(qg.transpose(1, 0, 2, 3), ((0, 0), (0, 0), (0, rows - g), (0, 0))).astype(k_cache.dtype)
+    # [L * KV * blocks, bs, D]: page (layer, head, block) is row (layer * KV + head) * blocks + block.
+    k_pages, v_pages = (c.reshape(num_layers * kv * blocks, bs, d) for c in (k_cache, v_cache))
+    first_page = jnp.asarray(layer, jnp.int32) * (kv * blocks)
+    tables = meta.block_tables + first_page
+    lo = jnp.zeros_like(meta.positions) if sliding_window is None else \
+        jnp.maximum(meta.positions - sliding_window + 1, 0)
+    bounds = jnp.stack([lo, meta.cached_lens], axis=1)  # keys at positions [lo, cached_len)
+
+    kernel = partial(_kernel, pages=pages, block_size=bs, blocks_per_head=blocks, scale=scale, softcap=softcap)
+    whole = pl.BlockSpec(k_pages.shape, lambda i, h: (0, 0, 0))
+    m, l, acc = pl.pallas_call(
+        kernel,
+        grid=(t, kv),
+        in_specs=[
+            pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
+            whole, whole,
+            pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
+            pl.BlockSpec((None, 2), lambda i, h: (i, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, rows), lambda i, h: (h, i, 0)),
+            pl.BlockSpec((None, None, rows), lambda i, h: (h, i, 0)),
+            pl.BlockSpec((None, None, rows, d), lambda i, h: (h, i, 0, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((kv, t, rows), jnp.float32),
+            jax.ShapeDtypeStruct((kv, t, rows), jnp.float32),
+            jax.ShapeDtypeStruct((kv, t, rows, d), jnp.float32),
+        ],
+        interpret=jax.default_backend() != "gpu",
+        name="paged_context_attention",
+    )(q, k_pages, v_pages, tables, bounds)
+    return m[..., :g], l[..., :g], acc[..., :g, :]
+
+
+def _kernel(q_ref, k_ref, v_ref, tables_ref, bounds_ref, m_ref, l_ref, acc_ref, *, pages: int, block_size: int,
+            blocks_per_head: int, scale: float, softcap: float | None):
+    chunk = pages * block_size
+    q = q_ref[...]
+    lo, hi = bounds_ref[0], bounds_ref[1]
+    head_first_page = pl.program_id(1) * blocks_per_head
+
+    def visit(j, state):
+        m, l, acc = state
+        ids = tables_ref[pl.ds(j * pages, pages)] + head_first_page
+        keys = k_ref[ids].reshape(chunk, q.shape[-1])
+        vals = v_ref[ids].reshape(chunk, q.shape[-1])
+        s = jnp.dot(q, keys.T, precision=EXACT, preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        key_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        s = jnp.where(((key_pos >= lo) & (key_pos < hi))[None, :], s, MASKED)
+        m_next = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_next[:, None])
+        alpha = jnp.exp(m - m_next)
+        pv = jnp.dot(p.astype(vals.dtype), vals, precision=EXACT, preferred_element_type=jnp.float32)
+        return m_next, l * alpha + p.sum(axis=-1), acc * alpha[:, None] + pv
+
+    rows, d = q.shape
+    # Every visited chunk holds at least one key in [lo, hi), so m is finite after the first visit
+    # and masked keys weigh exp(MASKED - m) = 0. No keys: no visits, and the state weighs 0 when merged.
+    state = (jnp.full((rows,), MASKED, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros((rows, d), jnp.float32))
+    end = jnp.where(lo < hi, (hi + chunk - 1) // chunk, 0)
+    m, l, acc = jax.lax.fori_loop(lo // chunk, end, visit, state)
+    m_ref[...] = m
+    l_ref[...] = l
+    acc_ref[...] = acc
