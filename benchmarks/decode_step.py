@@ -2,7 +2,8 @@
 
 No checkpoint is written: random params are built straight into the pytree. Every decode row
 reads a context of --context tokens (cache contents don't change the cost). Each timed call is a
-full JaxRunner.execute: host packing, one transfer, the compiled step, the token readback.
+full JaxRunner.execute: host packing, one transfer, the compiled step, the token readback; the
+device programs alone (forward + sampler on an already transferred step) are timed apart.
 
     .venv/bin/python benchmarks/decode_step.py --batch-sizes 1 8 32 --context 256
 """
@@ -52,12 +53,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--unroll", action="store_true", help="per-layer weights, layers unrolled (default on CPU)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
 
     model_config = llama.parse_config(RANDOM_CONFIGS[args.model])
     start = time.perf_counter()
-    params = llama.random_params(model_config, dtype=args.dtype, stacked=jax.default_backend() != "cpu")
+    params = llama.random_params(model_config, dtype=args.dtype, stacked=not args.unroll and jax.default_backend() != "cpu")
     load_s = time.perf_counter() - start
     max_batch = max(args.batch_sizes)
     block_size = 16
@@ -79,11 +81,38 @@ def main() -> None:
             runner.execute(step)
             times.append(time.perf_counter() - t0)
         ms = statistics.median(times) * 1000
-        results["steps"][batch] = {"median_ms": ms, "min_ms": min(times) * 1000, "tok_per_s": batch / ms * 1000}
-        print(f"B={batch:3d}  step {ms:8.1f} ms (min {min(times) * 1000:.1f})  {batch / ms * 1000:8.1f} tok/s")
+        pack_ms, forward_ms, sampler_ms = _parts(runner, step, args.steps)
+        results["steps"][batch] = {"median_ms": ms, "min_ms": min(times) * 1000, "tok_per_s": batch / ms * 1000,
+                                   "pack_ms": pack_ms, "forward_ms": forward_ms, "sampler_ms": sampler_ms}
+        print(f"B={batch:3d}  step {ms:8.1f} ms (min {min(times) * 1000:.1f})  {batch / ms * 1000:8.1f} tok/s  "
+              f"[host packing {pack_ms:.2f} ms, forward {forward_ms:.2f} ms, sampler {sampler_ms:.2f} ms]")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def _parts(runner: JaxRunner, step: StepBatch, repeats: int) -> tuple[float, float, float]:
+    """Median ms of the host packing, the forward program and the sampler program, each alone."""
+    from nanovllm_jax.buckets import bucket_for
+    from nanovllm_jax.jax_runner import MIN_BANNED_COLUMNS
+
+    layout, forward, sampler = runner._programs(bucket_for(step.num_tokens, runner._token_buckets),
+                                                MIN_BANNED_COLUMNS, False)
+    pack, fwd, sample = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        packed = layout.pack(step)
+        pack.append(time.perf_counter() - t0)
+        packed = jax.device_put(packed).block_until_ready()
+        t0 = time.perf_counter()
+        logits, section, runner.k_cache, runner.v_cache, runner.token_cache = forward(
+            runner.params, runner.k_cache, runner.v_cache, runner.token_cache, packed)
+        logits.block_until_ready()
+        t1 = time.perf_counter()
+        sampler(logits, runner.token_cache, section).token_ids.block_until_ready()
+        fwd.append(t1 - t0)
+        sample.append(time.perf_counter() - t1)
+    return tuple(statistics.median(x) * 1000 for x in (pack, fwd, sample))
 
 
 if __name__ == "__main__":

@@ -164,9 +164,13 @@ def _attend_new_tokens(qg, k_new, v_new, meta: AttentionMetadata, scores, in_win
             return _online_softmax_step(block_state, *block_scores(j), "ktgc,kcd->ktgd")
 
         empty = (jnp.full((kv, qb, g), MASKED), jnp.zeros((kv, qb, g)), jnp.zeros((kv, qb, g, d)))
+        if qb == t:  # one block, no earlier ones: no loop (on GPU each loop iteration syncs with the host)
+            return visit(i, empty)
         block_state = jax.lax.fori_loop(rows(first, start).min() // qb, i, visit, visit(i, empty))
         return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, start, axis=1) for x, y in zip(state, block_state))
 
+    if qb == t:
+        return query_block(0, None)
     state = (jnp.zeros((kv, t, g), jnp.float32), jnp.zeros((kv, t, g), jnp.float32),
              jnp.zeros((kv, t, g, d), jnp.float32))
     return jax.lax.fori_loop(0, t // qb, query_block, state)

@@ -17,6 +17,8 @@ from jax.experimental import pallas as pl
 MASKED = -1e30
 EXACT = jax.lax.Precision.HIGHEST  # f32 caches: IEEE dots, not Triton's default TF32 (no effect on bf16)
 MIN_DOT_ROWS = 16  # Triton's dot needs at least 16 rows: the query heads of a kv head are padded up to it
+KEY_TILE_BYTES = 32 << 10  # a chunk of keys (and one of values) per iteration: f32 at 128 x 128 overflowed
+                           # the H200's 227 KB of shared memory once pipelined
 
 
 def context_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int, meta, *,
@@ -25,7 +27,10 @@ def context_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lay
     window) in k/v_cache [L, KV, slots, D] at `layer` -> f32 state (m [KV,T,G], l [KV,T,G], acc [KV,T,G,D])."""
     kv, t, g, d = qg.shape
     num_layers, _, slots, _ = k_cache.shape
-    bs, pages = meta.block_size, meta.pages_per_chunk
+    bs = meta.block_size
+    # A power of two no larger than pages_per_chunk (a power of two dividing the table width).
+    pages = min(meta.pages_per_chunk, max(KEY_TILE_BYTES // (bs * d * k_cache.dtype.itemsize), MIN_DOT_ROWS // bs, 1))
+    pages = 1 << (pages.bit_length() - 1)
     blocks = slots // bs
     rows = max(MIN_DOT_ROWS, pl.next_power_of_2(g))
     q = jnp.pad(qg.transpose(1, 0, 2, 3), ((0, 0), (0, 0), (0, rows - g), (0, 0))).astype(k_cache.dtype)
