@@ -7,6 +7,8 @@ import pytest
 
 from hf_models import load_reference, reference_greedy, reference_logits, tiny_model_dirs
 from nanovllm_jax import LLM, SamplingParams
+from nanovllm_jax.buckets import step_buckets
+from nanovllm_jax.jax_runner import tiling_for
 from backends.sampler import apply_penalties, log_softmax
 
 NEW_TOKENS = 32
@@ -175,3 +177,37 @@ def test_no_compilation_after_warmup(model_dirs, xla_cache, prompts):
         llm.generate(batch, [variety[i % len(variety)] for i in range(len(batch))], use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > preemptions
     assert counter.count == 0
+
+
+def test_gpu_tiling_and_context_kernel_match_transformers(model_dirs, xla_cache, prompts, monkeypatch):
+    """The GPU's attention tiling (wide blocks, 16-token smallest bucket, the Pallas context kernel in
+    interpret mode here) through the whole engine, with chunked prefill and prefix hits."""
+    from nanovllm_jax import jax_runner
+
+    monkeypatch.setitem(jax_runner.TILINGS, "cpu", jax_runner.TILINGS["gpu"])
+    llm = LLM(str(model_dirs["qwen3"]), backend="jax", compilation_cache_dir=xla_cache, max_num_seqs=8,
+              max_num_batched_tokens=32)
+    assert llm.engine.runner.buckets == [(16, 8), (32, 8)]
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outputs] == greedy_reference(model_dirs, "qwen3", prompts)
+    assert outputs[-1].num_cached_tokens >= 32
+
+
+def test_step_buckets_start_at_the_platform_smallest():
+    assert step_buckets(16, 4) == [(1, 1), (2, 2), (4, 4), (8, 4), (16, 4)]
+    assert step_buckets(2048, 256, 16) == [(16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (512, 256),
+                                           (1024, 256), (2048, 256)]
+    assert step_buckets(8, 4, 16) == [(8, 4)]
+
+
+def test_attention_path_choice(monkeypatch):
+    assert not tiling_for("cpu").context_kernel and tiling_for("gpu").context_kernel
+    monkeypatch.setenv("NANOVLLM_JAX_ATTENTION", "xla")
+    assert not tiling_for("gpu").context_kernel
+    monkeypatch.setenv("NANOVLLM_JAX_ATTENTION", "pallas")
+    assert tiling_for("gpu").context_kernel
+    with pytest.raises(ValueError, match="needs a GPU"):
+        tiling_for("cpu")
+    monkeypatch.setenv("NANOVLLM_JAX_ATTENTION", "triton")
+    with pytest.raises(ValueError, match="'xla' or 'pallas'"):
+        tiling_for("gpu")

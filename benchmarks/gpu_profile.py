@@ -1,0 +1,36 @@
+"""Device time per kernel name of B=256 decode steps (Qwen3-0.6B shape, bf16), from a jax.profiler trace."""
+import collections, glob, sys, time
+import jax
+from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.jax_runner import JaxRunner
+from nanovllm_jax.models import llama
+from nanovllm_jax.random_models import RANDOM_CONFIGS
+sys.path.insert(0, "benchmarks")
+from decode_step import decode_batch
+
+ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+mc = llama.parse_config(RANDOM_CONFIGS["qwen3-0.6b"])
+params = llama.random_params(mc, dtype="bfloat16", stacked=True)
+bps = -(-ctx // 16)
+config = EngineConfig(model="r", max_num_seqs=256, max_num_batched_tokens=256, max_model_len=2048,
+                      num_kvcache_blocks=256 * bps, dtype="bfloat16", kvcache_block_size=16)
+runner = JaxRunner(config, loaded=(llama, mc, params))
+step = decode_batch(256, ctx, 16, bps, config.max_blocks_per_seq)
+for _ in range(3):
+    runner.execute(step)
+jax.profiler.start_trace("/tmp/trace")
+for _ in range(5):
+    runner.execute(step)
+jax.profiler.stop_trace()
+path = glob.glob("/tmp/trace/**/*.xplane.pb", recursive=True)[0]
+data = jax.profiler.ProfileData.from_file(path)
+totals, counts = collections.Counter(), collections.Counter()
+for plane in data.planes:
+    if "/device:GPU" not in plane.name:
+        continue
+    for line in plane.lines:
+        for ev in line.events:
+            totals[(line.name, ev.name[:60])] += ev.duration_ns / 5e6
+            counts[(line.name, ev.name[:60])] += 1
+for (ln, name), ms in totals.most_common(30):
+    print(f"{ms:8.3f} ms/step {counts[(ln, name)] // 5:5d}x  {ln[:20]:20s} {name}")
