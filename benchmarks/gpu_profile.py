@@ -1,12 +1,20 @@
-"""Device time per kernel name of B=256 decode steps (Qwen3-0.6B shape, bf16), from a jax.profiler trace."""
-import collections, glob, sys, time
+"""Device time per kernel of a 256-sequence decode step (Qwen3-0.6B shape, bf16), from a jax.profiler trace.
+
+    python benchmarks/gpu_profile.py [CONTEXT_TOKENS]   (default 16)
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import sys
+
 import jax
+
 from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.jax_runner import JaxRunner
 from nanovllm_jax.models import llama
 from nanovllm_jax.random_models import RANDOM_CONFIGS
-sys.path.insert(0, "benchmarks")
-from decode_step import decode_batch
+from decode_step import decode_batch  # beside this script
 
 ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 16
 mc = llama.parse_config(RANDOM_CONFIGS["qwen3-0.6b"])

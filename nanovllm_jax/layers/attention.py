@@ -79,7 +79,6 @@ def paged_attention(
     t, h, d = q.shape
     kv = k_new.shape[1]
     qg = q.reshape(t, kv, h // kv, d).transpose(1, 0, 2, 3)  # [KV, T, G, D]
-    pos = meta.positions
 
     def scores(queries: jax.Array, keys: jax.Array, equation: str) -> jax.Array:
         s = jnp.einsum(equation, queries, keys, preferred_element_type=jnp.float32) * scale
@@ -102,12 +101,12 @@ def paged_attention(
 
 
 def _walk_cached_context(qg, k_cache, v_cache, layer, meta: AttentionMetadata, state, scores, in_window):
-    """Fold every token's cached context into its online-softmax state, in pure JAX."""
+    """Fold every token's cached context into its online-softmax state, in pure JAX: per block of
+    tokens, a chunk of pages at a time for as many chunks as the block's own longest context needs.
+    Fresh prefill tokens cost nothing here, and a prefill step that also carries decodes does not
+    make all its tokens walk the decodes' contexts."""
     kv, t, _, d = qg.shape
     pos = meta.positions
-    # The cached context, per block of tokens, each block a chunk of pages at a time for as many
-    # chunks as its own longest context needs: fresh prefill tokens cost nothing here, and a
-    # prefill step that also carries decodes does not make all its tokens walk the decodes' contexts.
     bs, ppc = meta.block_size, meta.pages_per_chunk
     chunk = bs * ppc
     tb = math.gcd(t, meta.token_block)
