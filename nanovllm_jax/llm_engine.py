@@ -184,33 +184,36 @@ class LLMEngine:
         return deltas
 
     def _build_batch(self, scheduled: ScheduledBatch) -> StepBatch:
+        """The step's numpy arrays, built with whole-array operations (a per-row loop of small
+        numpy calls cost ~2 ms per step at 256 sequences)."""
         bs = self.config.kvcache_block_size
-        num_seqs = len(scheduled)
-        input_ids, positions, slots = [], [], []
+        seqs = [seq for seq, _ in scheduled]
+        num_seqs = len(seqs)
+        num_new = np.fromiter((n for _, n in scheduled), np.int32, num_seqs)
+        starts = np.fromiter((seq.num_computed_tokens for seq in seqs), np.int32, num_seqs)
         query_start = np.zeros(num_seqs + 1, dtype=np.int32)
-        context_lens = np.zeros(num_seqs, dtype=np.int32)
+        np.cumsum(num_new, out=query_start[1:])
+        rows = np.repeat(np.arange(num_seqs), num_new)
+        positions = (np.arange(query_start[-1], dtype=np.int32) - query_start[rows] + starts[rows]).astype(np.int32)
+        table_lens = np.fromiter((len(seq.block_table) for seq in seqs), np.int32, num_seqs)
         block_tables = np.full((num_seqs, self.config.max_blocks_per_seq), -1, dtype=np.int32)
-        needs_sample = np.zeros(num_seqs, dtype=bool)
-        for row, (seq, num_new) in enumerate(scheduled):
-            start = seq.num_computed_tokens
-            pos = np.arange(start, start + num_new, dtype=np.int32)
-            table = np.asarray(seq.block_table, dtype=np.int32)
-            block_tables[row, : len(table)] = table
-            input_ids.append(np.asarray(seq.token_ids[start : start + num_new], dtype=np.int32))
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            query_start[row + 1] = query_start[row] + num_new
-            context_lens[row] = start + num_new
-            needs_sample[row] = start + num_new == len(seq)
+        table_rows = np.repeat(np.arange(num_seqs), table_lens)
+        table_cols = np.arange(len(table_rows)) - np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
+        block_tables[table_rows, table_cols] = np.fromiter(
+            itertools.chain.from_iterable(seq.block_table for seq in seqs), np.int32, len(table_rows))
+        input_ids = np.fromiter(itertools.chain.from_iterable(
+            seq.token_ids[start: start + n] for seq, start, n in zip(seqs, starts.tolist(), num_new.tolist())
+        ), np.int32, int(query_start[-1]))
+        context_lens = starts + num_new
         return StepBatch(
-            input_ids=np.concatenate(input_ids),
-            positions=np.concatenate(positions),
-            slot_mapping=np.concatenate(slots).astype(np.int32),
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=(block_tables[rows, positions // bs] * bs + positions % bs).astype(np.int32),
             query_start=query_start,
             context_lens=context_lens,
             block_tables=block_tables,
             logits_indices=query_start[1:] - 1,
-            needs_sample=needs_sample,
+            needs_sample=context_lens == np.fromiter(map(len, seqs), np.int32, num_seqs),
             sampling=self._sampling_batch(scheduled),
         )
 
@@ -293,7 +296,7 @@ class LLMEngine:
         delta = StreamDelta(
             index=seq.seq_id,
             request_id=seq.seq_id,
-            token_ids=seq.output_token_ids[request.emitted_tokens :],
+            token_ids=seq.token_ids[seq.num_prompt_tokens + request.emitted_tokens :],
             text=text[request.emitted : end],
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
