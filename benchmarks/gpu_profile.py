@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import glob
 import sys
+import tempfile
 
 import jax
 
@@ -26,11 +27,12 @@ runner = JaxRunner(config, loaded=(llama, mc, params))
 step = decode_batch(256, ctx, 16, bps, config.max_blocks_per_seq)
 for _ in range(3):
     runner.execute(step)
-jax.profiler.start_trace("/tmp/trace")
+trace_dir = tempfile.mkdtemp()
+jax.profiler.start_trace(trace_dir)
 for _ in range(5):
     runner.execute(step)
 jax.profiler.stop_trace()
-path = glob.glob("/tmp/trace/**/*.xplane.pb", recursive=True)[0]
+path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
 data = jax.profiler.ProfileData.from_file(path)
 totals, counts = collections.Counter(), collections.Counter()
 for plane in data.planes:

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (run from the repo root; logs and JSON land in $OUT):
-# the kernel and parity checks, then nano-vllm's workload on a Qwen3-0.6B-shaped random model.
+# Everything in benchmarks/gpu-h200.md in one call on a lent GPU machine (run from the repo root;
+# logs and JSON land in $OUT; about 6 minutes on an H200 plus the machine's start):
+# kernel + parity checks, nano-vllm's workload with each attention path, decode-step times, a profile.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 # cuBLAS for every GEMM: compiling a dozen bucket programs stays short (no Triton GEMM autotuning).
 export XLA_FLAGS="--xla_gpu_enable_triton_gemm=false"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+quiet() { grep -v "it/s]\|^WARNING\|^I0000\|^E0000"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout "${CHECK_S:-180}" python3 benchmarks/gpu_check.py 2>&1 | grep -v "it/s]" | tee "$OUT/check.log"
-bench() {  # $1: attention path, $2: seconds
-  NANOVLLM_JAX_ATTENTION=$1 timeout "$2" python3 -c "import logging, runpy, sys; logging.basicConfig(level=logging.INFO); logging.getLogger('jax').setLevel(logging.WARNING)
-sys.argv[0] = 'bench'; runpy.run_module('nanovllm_jax.bench', run_name='__main__')" --random-weights qwen3-0.6b \
+timeout 150 python3 benchmarks/gpu_check.py 2>&1 | quiet | tee "$OUT/check.log"
+for path in pallas xla; do
+  NANOVLLM_JAX_ATTENTION=$path timeout 150 python3 -m nanovllm_jax.bench --random-weights qwen3-0.6b \
     --num-seqs 256 --min-input-len 100 --max-input-len 1024 --min-output-len 100 --max-output-len 1024 \
-    --max-num-seqs 256 --max-num-batched-tokens 8192 --json "$OUT/bench_$1.json" 2>&1 | grep -v "it/s]" | tee "$OUT/bench_$1.log"
-}
-bench pallas "${BENCH_S:-330}"
-[ -s "$OUT/bench_pallas.json" ] || bench xla "${FALLBACK_S:-240}"
+    --max-num-seqs 256 --max-num-batched-tokens 8192 --json "$OUT/bench_$path.json" 2>&1 | quiet | tail -4
+done
+for context in 16 1024; do
+  timeout 90 python3 benchmarks/decode_step.py --dtype bfloat16 --batch-sizes 256 --max-model-len 2048 \
+    --context $context --json "$OUT/decode_step_ctx$context.json" 2>&1 | quiet | tail -1
+done
+timeout 90 python3 benchmarks/gpu_profile.py 1024 2>&1 | grep "ms/step" | head -12
