@@ -24,9 +24,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from nanovllm_jax.layers.context_kernel import context_attention
-
-MASKED = -1e30  # finite, so a fully masked chunk never turns the running max into NaN
+from nanovllm_jax.layers.context_kernel import MASKED, context_attention
 
 
 @partial(jax.tree_util.register_dataclass,

@@ -9,19 +9,24 @@ state over the step's own tokens. Elsewhere than on a GPU it runs in Pallas' int
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-MASKED = -1e30
+if TYPE_CHECKING:
+    from nanovllm_jax.layers.attention import AttentionMetadata
+
+MASKED = -1e30  # a masked score: finite, so a fully masked block never turns the running max into NaN
 EXACT = jax.lax.Precision.HIGHEST  # f32 caches: IEEE dots, not Triton's default TF32 (no effect on bf16)
 MIN_DOT_ROWS = 16  # Triton's dot needs at least 16 rows: the query heads of a kv head are padded up to it
 KEY_TILE_BYTES = 32 << 10  # a chunk of keys (and one of values) per iteration: f32 at 128 x 128 overflowed
                            # the H200's 227 KB of shared memory once pipelined
 
 
-def context_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int, meta, *,
+def context_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int,
+                      meta: AttentionMetadata, *,
                       scale: float, sliding_window: int | jax.Array | None, softcap: float | None):
     """qg [KV, T, G, D] over each token's cached context (positions < meta.cached_lens, inside the
     window) in k/v_cache [L, KV, slots, D] at `layer` -> f32 state (m [KV,T,G], l [KV,T,G], acc [KV,T,G,D])."""
