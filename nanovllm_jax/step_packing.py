@@ -124,9 +124,9 @@ class StepLayout:
     seq: SeqLayout
     pages_per_chunk: int
     num_slots: int  # padding tokens write to this (out-of-range) slot
-    token_block: int = 16  # attention tiling: see AttentionMetadata
-    new_block: int = 32
-    context_kernel: bool = False
+    token_block: int  # attention tiling: see AttentionMetadata
+    new_block: int
+    context_kernel: bool
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
