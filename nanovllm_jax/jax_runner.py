@@ -194,9 +194,15 @@ class JaxRunner:
         if key not in self._forward_programs:
             layout = self._layout(tokens, banned)
             packed = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
-            lowered = self._forward_jit.lower(self.params, self.k_cache, self.v_cache, self.token_cache, packed,
-                                              layout=layout)
-            self._forward_programs[key] = (layout, lowered.compile())
+            try:
+                lowered = self._forward_jit.lower(self.params, self.k_cache, self.v_cache, self.token_cache, packed,
+                                                  layout=layout)
+                self._forward_programs[key] = (layout, lowered.compile())
+            except Exception as e:
+                if not layout.context_kernel:
+                    raise
+                raise RuntimeError(f"the Pallas context-attention kernel failed to build for {tokens}-token steps "
+                                   "on this GPU; NANOVLLM_JAX_ATTENTION=xla uses the pure-JAX attention") from e
         layout, forward = self._forward_programs[key]
         if (layout.seq, adjust) not in self._sample_programs:
             logits = jax.ShapeDtypeStruct((layout.seq.seqs, self.vocab_size), jnp.float32)

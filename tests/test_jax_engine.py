@@ -211,3 +211,17 @@ def test_attention_path_choice(monkeypatch):
     monkeypatch.setenv("NANOVLLM_JAX_ATTENTION", "triton")
     with pytest.raises(ValueError, match="'xla' or 'pallas'"):
         tiling_for("gpu")
+
+
+def test_a_kernel_that_fails_to_build_names_the_escape_hatch(model_dirs, xla_cache, monkeypatch):
+    from nanovllm_jax import jax_runner
+    from nanovllm_jax.layers import attention
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("no Triton here")
+
+    monkeypatch.setitem(jax_runner.TILINGS, "cpu", jax_runner.TILINGS["gpu"])
+    monkeypatch.setattr(attention, "context_attention", broken)
+    with pytest.raises(RuntimeError, match="NANOVLLM_JAX_ATTENTION=xla"):
+        LLM(str(model_dirs["qwen3"]), backend="jax", compilation_cache_dir=xla_cache, max_num_seqs=8,
+            max_num_batched_tokens=32)
