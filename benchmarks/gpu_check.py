@@ -35,7 +35,8 @@ def kernel_check(dtype: str, seqs: int = 256, kv: int = 8, heads: int = 16, d: i
 
     def run(kernel: bool):
         meta = AttentionMetadata(jnp.asarray(lens, jnp.int32), jnp.arange(seqs, dtype=jnp.int32),
-                                 jnp.asarray(lens, jnp.int32), jnp.asarray(tables), bs, 8, 256, 512, kernel)
+                                 jnp.asarray(lens, jnp.int32), jnp.asarray(tables), block_size=bs, pages_per_chunk=8,
+                                 token_block=256, new_block=512, context_kernel=kernel)  # the GPU's tiling
         fn = jax.jit(lambda *a: paged_attention(*a, meta, scale=d ** -0.5, layer=jnp.int32(1)))
         args = (q, k_new, v_new, k_cache, v_cache)
         out = fn(*args).block_until_ready()
