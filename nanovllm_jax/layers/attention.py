@@ -146,7 +146,7 @@ def _attend_new_tokens(qg, k_new, v_new, meta: AttentionMetadata, scores, in_win
     def rows(x, start, axis=0):
         return jax.lax.dynamic_slice_in_dim(x, start, qb, axis=axis)
 
-    def query_block(i, state):
+    def block_state(i):
         start = i * qb
         q_b, pos_b, seq_b = rows(qg, start, 1), rows(pos, start), rows(seq_ids, start)
 
@@ -157,17 +157,20 @@ def _attend_new_tokens(qg, k_new, v_new, meta: AttentionMetadata, scores, in_win
             s = scores(q_b, rows(keys_all, k_start, 1), "ktgd,kcd->ktgc")
             return jnp.where(ok[None, :, None, :], s, MASKED), rows(vals_all, k_start, 1)
 
-        def visit(j, block_state):
-            return _online_softmax_step(block_state, *block_scores(j), "ktgc,kcd->ktgd")
+        def visit(j, state):
+            return _online_softmax_step(state, *block_scores(j), "ktgc,kcd->ktgd")
 
-        empty = (jnp.full((kv, qb, g), MASKED), jnp.zeros((kv, qb, g)), jnp.zeros((kv, qb, g, d)))
-        if qb == t:  # one block, no earlier ones: no loop (on GPU each loop iteration syncs with the host)
-            return visit(i, empty)
-        block_state = jax.lax.fori_loop(rows(first, start).min() // qb, i, visit, visit(i, empty))
-        return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, start, axis=1) for x, y in zip(state, block_state))
+        diagonal = visit(i, (jnp.full((kv, qb, g), MASKED), jnp.zeros((kv, qb, g)), jnp.zeros((kv, qb, g, d))))
+        if qb == t:  # the only block has no earlier ones
+            return diagonal
+        return jax.lax.fori_loop(rows(first, start).min() // qb, i, visit, diagonal)
 
-    if qb == t:
-        return query_block(0, None)
+    if qb == t:  # one block: no loops at all (on GPU each loop iteration syncs with the host)
+        return block_state(0)
+
+    def query_block(i, state):
+        return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, i * qb, axis=1) for x, y in zip(state, block_state(i)))
+
     state = (jnp.zeros((kv, t, g), jnp.float32), jnp.zeros((kv, t, g), jnp.float32),
              jnp.zeros((kv, t, g, d), jnp.float32))
     return jax.lax.fori_loop(0, t // qb, query_block, state)
