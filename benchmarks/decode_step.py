@@ -45,6 +45,20 @@ def decode_batch(batch: int, context: int, block_size: int, blocks_per_seq: int,
     )
 
 
+def decode_runner(model: str, max_batch: int, context: int, max_model_len: int, dtype: str,
+                  unroll: bool = False) -> tuple[JaxRunner, float]:
+    """A JaxRunner on random `model` weights for decode steps of up to max_batch rows of `context`
+    tokens (16-token blocks), and the seconds the params took to build."""
+    model_config = llama.parse_config(RANDOM_CONFIGS[model])
+    start = time.perf_counter()
+    params = llama.random_params(model_config, dtype=dtype, stacked=not unroll and jax.default_backend() != "cpu")
+    load_s = time.perf_counter() - start
+    config = EngineConfig(model=f"random:{model}", max_num_seqs=max_batch, max_num_batched_tokens=max_batch,
+                          max_model_len=max_model_len, num_kvcache_blocks=max_batch * -(-context // 16),
+                          dtype=dtype, kvcache_block_size=16)
+    return JaxRunner(config, loaded=(llama, model_config, params)), load_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen3-0.6b", choices=sorted(RANDOM_CONFIGS))
@@ -57,17 +71,10 @@ def main() -> None:
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
 
-    model_config = llama.parse_config(RANDOM_CONFIGS[args.model])
-    start = time.perf_counter()
-    params = llama.random_params(model_config, dtype=args.dtype, stacked=not args.unroll and jax.default_backend() != "cpu")
-    load_s = time.perf_counter() - start
-    max_batch = max(args.batch_sizes)
-    block_size = 16
+    runner, load_s = decode_runner(args.model, max(args.batch_sizes), args.context, args.max_model_len, args.dtype,
+                                   args.unroll)
+    config, block_size = runner.config, runner.block_size
     blocks_per_seq = -(-args.context // block_size)
-    config = EngineConfig(model=f"random:{args.model}", max_num_seqs=max_batch, max_num_batched_tokens=max_batch,
-                          max_model_len=args.max_model_len, num_kvcache_blocks=max_batch * blocks_per_seq,
-                          dtype=args.dtype, kvcache_block_size=block_size)
-    runner = JaxRunner(config, loaded=(llama, model_config, params))
     results = {"model": args.model, "dtype": args.dtype, "context": args.context, "load_s": load_s,
                "warmup_s": runner.warmup_seconds, "programs": len(runner.buckets), "steps": {},
                "machine": f"{platform.machine()} {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"}

@@ -11,20 +11,11 @@ import tempfile
 
 import jax
 
-from nanovllm_jax.config import EngineConfig
-from nanovllm_jax.jax_runner import JaxRunner
-from nanovllm_jax.models import llama
-from nanovllm_jax.random_models import RANDOM_CONFIGS
-from decode_step import decode_batch  # beside this script
+from decode_step import decode_batch, decode_runner  # beside this script
 
 ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-mc = llama.parse_config(RANDOM_CONFIGS["qwen3-0.6b"])
-params = llama.random_params(mc, dtype="bfloat16", stacked=True)
-bps = -(-ctx // 16)
-config = EngineConfig(model="r", max_num_seqs=256, max_num_batched_tokens=256, max_model_len=2048,
-                      num_kvcache_blocks=256 * bps, dtype="bfloat16", kvcache_block_size=16)
-runner = JaxRunner(config, loaded=(llama, mc, params))
-step = decode_batch(256, ctx, 16, bps, config.max_blocks_per_seq)
+runner, _ = decode_runner("qwen3-0.6b", 256, ctx, 2048, "bfloat16")
+step = decode_batch(256, ctx, 16, -(-ctx // 16), runner.config.max_blocks_per_seq)
 for _ in range(3):
     runner.execute(step)
 trace_dir = tempfile.mkdtemp()
