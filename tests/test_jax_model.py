@@ -11,6 +11,7 @@ import pytest
 
 from hf_models import load_reference, reference_logits, tiny_model_dirs
 from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
+from nanovllm_jax.layers.context_kernel import KernelTuning, context_attention
 from nanovllm_jax.loader import load_model
 from nanovllm_jax.models import ForwardInputs
 
@@ -151,6 +152,30 @@ def test_paged_attention_matches_dense_reference(window, softcap, lens, new, til
                           softcap=softcap)
     expected = naive_attention(q_all, k_all, v_all, seq_of, pos_of, 0.3, window, softcap)[is_new]
     np.testing.assert_allclose(np.asarray(out)[: is_new.sum()], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_context_kernel_splits_agree(window):
+    """Programs sharing a context (splits, 3 of them: uneven shares, some empty) give the one-program state."""
+    rng = np.random.default_rng(0)
+    t, kv, g, d, bs, width = 5, 2, 3, 16, 4, 16
+    lens = np.array([0, 3, 17, 40, 63], np.int32)
+    tables = rng.permutation(t * width).reshape(t, width).astype(np.int32)
+    k_cache, v_cache = rng.standard_normal((2, 2, kv, t * width * bs, d)).astype(np.float32)
+    qg = rng.standard_normal((kv, t, g, d)).astype(np.float32)
+    meta = AttentionMetadata(jnp.asarray(lens + 1), jnp.arange(t, dtype=jnp.int32), jnp.asarray(lens),
+                             jnp.asarray(tables), block_size=bs, pages_per_chunk=2, context_kernel=True)
+
+    def attend(splits):
+        tuning = KernelTuning(splits=splits, split_below=1 << 30)
+        m, l, acc = context_attention(jnp.asarray(qg), jnp.asarray(k_cache), jnp.asarray(v_cache), 1, meta,
+                                      scale=0.3, sliding_window=window, softcap=None, tuning=tuning)
+        return np.asarray(acc) / np.maximum(np.asarray(l), 1e-30)[..., None], np.asarray(l) > 0
+
+    (one, seen_one), (split, seen_split) = attend(1), attend(3)
+    np.testing.assert_array_equal(seen_one, seen_split)
+    assert seen_one.any() and not seen_one.all()
+    np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-6)
 
 
 def test_loader_errors_name_the_problem(model_dirs, tmp_path):

@@ -1,0 +1,106 @@
+"""Launch settings of the Pallas context kernel on a lent GPU: time each KernelTuning on decode steps
+of 256 and 32 sequences (Qwen3-0.6B heads, bf16, contexts 100-2047 on scattered pages), check the
+fastest against the pure-JAX walk (gpu_check.kernel_check), then run nano-vllm's workload with it.
+
+    python benchmarks/gpu_kernel_sweep.py OUT_DIR
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanovllm_jax import bench
+from nanovllm_jax.layers import context_kernel
+from nanovllm_jax.layers.attention import AttentionMetadata
+from nanovllm_jax.layers.context_kernel import KernelTuning, context_attention
+
+from gpu_check import kernel_check  # beside this script
+
+BUDGET_S = 150
+GPU = jax.default_backend() == "gpu"  # elsewhere: a dry run of the code paths (interpret mode, small sizes)
+
+
+def decode_inputs(seqs: int, kv: int = 8, g: int = 2, d: int = 128, bs: int = 16, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(0)
+    max_len = 2048 if GPU else 256
+    lens = rng.integers(max_len // 20, max_len, size=seqs)
+    width = max_len // bs
+    tables = rng.permutation(seqs * width).reshape(seqs, width).astype(np.int32)
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((2, kv, seqs * width * bs, d), np.float32), dtype) for _ in "kv")
+    qg = jnp.asarray(rng.standard_normal((kv, seqs, g, d), np.float32), dtype)
+    meta = AttentionMetadata(jnp.asarray(lens, jnp.int32), jnp.arange(seqs, dtype=jnp.int32),
+                             jnp.asarray(lens - 1, jnp.int32), jnp.asarray(tables), block_size=bs, pages_per_chunk=16,
+                             token_block=256, new_block=512, context_kernel=True)
+    read_gb = 2 * float(lens.sum()) * kv * d * jnp.dtype(dtype).itemsize / 1e9
+    return (qg, k_cache, v_cache, meta), read_gb
+
+
+def time_ms(tuning: KernelTuning, inputs) -> float:
+    qg, k_cache, v_cache, meta = inputs
+    fn = jax.jit(lambda q, k, v: context_attention(q, k, v, 1, meta, scale=0.1, sliding_window=None, softcap=None,
+                                                   tuning=tuning))
+    jax.block_until_ready(fn(qg, k_cache, v_cache))
+    start = time.perf_counter()
+    for _ in range(20):
+        out = fn(qg, k_cache, v_cache)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / 20 * 1e3
+
+
+def sweep() -> list[dict]:
+    """Key tile x splits at Triton's default launch (4 warps, 3 stages), then warps x stages around the
+    fastest of those."""
+    cases = {seqs: decode_inputs(seqs if GPU else 2) for seqs in (256, 32)}
+    results, start = [], time.perf_counter()
+
+    def measure(tuning: KernelTuning) -> dict:
+        row = dict(tuning=tuning.__dict__)
+        if time.perf_counter() - start > BUDGET_S:
+            return row | dict(error="out of the sweep's time budget")
+        try:
+            for seqs, (inputs, read_gb) in cases.items():
+                ms = time_ms(tuning, inputs)
+                row[f"ms_{seqs}"], row[f"gb_s_{seqs}"] = ms, read_gb / ms * 1e3
+        except Exception as e:  # e.g. out of shared memory
+            row["error"] = str(e).splitlines()[0][:120]
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        return row
+
+    for tile, splits in itertools.product((32 << 10, 16 << 10, 64 << 10), (1, 2, 4, 8)):
+        measure(KernelTuning(key_tile_bytes=tile, splits=splits, split_below=1 << 30, num_warps=4, num_stages=3))
+    best = fastest(results)["tuning"]
+    for warps, stages in itertools.product((4, 8), (2, 3, 4)):
+        if (warps, stages) != (4, 3):
+            measure(KernelTuning(**best | dict(num_warps=warps, num_stages=stages)))
+    return results
+
+
+def fastest(results: list[dict]) -> dict:
+    return min((r for r in results if "error" not in r), key=lambda r: r["ms_256"] + r["ms_32"])
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    print(jax.devices(), jax.__version__, "default:", KernelTuning(), flush=True)
+    results = sweep()
+    best = fastest(results)
+    print("fastest:", best, flush=True)
+    (out / "kernel_sweep.json").write_text(json.dumps(dict(results=results, fastest=best), indent=1))
+    context_kernel.TUNING = KernelTuning(**best["tuning"])
+    jax.config.update("jax_default_matmul_precision", "highest")
+    kernel_check("float32", seqs=64 if GPU else 2)
+    jax.config.update("jax_default_matmul_precision", None)
+    kernel_check("bfloat16", seqs=256 if GPU else 2)
+    if not GPU:
+        sys.exit()
+    bench.main(["--random-weights", "qwen3-0.6b", "--num-seqs", "256", "--min-input-len", "100", "--max-input-len",
+                "1024", "--min-output-len", "100", "--max-output-len", "1024", "--max-num-seqs", "256",
+                "--max-num-batched-tokens", "8192", "--json", str(out / "bench_tuned.json")])
