@@ -5,7 +5,8 @@ loop iteration, straight from the stacked cache: no gathered copy of the context
 and no padding to the longest context in the step (the pure-JAX walk in attention.py pays both).
 It returns the online-softmax state (max, sum, weighted values) that attention.py merges with the
 state over the step's own tokens. A small step (few programs) also splits each context among
-several programs and merges their states here, so the GPU has enough loads in flight. Elsewhere than on a GPU it runs in Pallas' interpret mode (tests).
+several programs and merges their states here, so the GPU has enough loads in flight.
+Elsewhere than on a GPU it runs in Pallas' interpret mode (tests).
 """
 from __future__ import annotations
 
