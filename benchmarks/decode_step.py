@@ -38,7 +38,7 @@ def decode_batch(batch: int, context: int, block_size: int, blocks_per_seq: int,
         banned_token_ids=np.full((batch, 1), -1, np.int32), num_logprobs=0,
     )
     return StepBatch(
-        input_ids=np.arange(batch, dtype=np.int32) + 100, positions=pos,
+        input_ids=np.arange(batch, dtype=np.int32) + 100, prev_rows=np.full(batch, -1, np.int32), positions=pos,
         slot_mapping=tables[np.arange(batch), pos // block_size] * block_size + pos % block_size,
         query_start=np.arange(batch + 1, dtype=np.int32), context_lens=pos + 1, block_tables=tables,
         logits_indices=np.arange(batch, dtype=np.int32), needs_sample=np.ones(batch, bool), sampling=sampling,
@@ -113,10 +113,10 @@ def _parts(runner: JaxRunner, step: StepBatch, repeats: int) -> tuple[float, flo
         packed = jax.device_put(packed).block_until_ready()
         t0 = time.perf_counter()
         logits, section, runner.k_cache, runner.v_cache, runner.token_cache = forward(
-            runner.params, runner.k_cache, runner.v_cache, runner.token_cache, packed)
+            runner.params, runner.k_cache, runner.v_cache, runner.token_cache, runner._last_tokens, packed)
         logits.block_until_ready()
         t1 = time.perf_counter()
-        sampler(logits, runner.token_cache, section).token_ids.block_until_ready()
+        sampler(logits, runner.token_cache, section)[0].token_ids.block_until_ready()
         fwd.append(t1 - t0)
         sample.append(time.perf_counter() - t1)
     return tuple(statistics.median(x) * 1000 for x in (pack, fwd, sample))

@@ -98,12 +98,12 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register the hashes of blocks that became full of computed tokens."""
+        """Register the hashes of blocks that became full of computed tokens whose ids are known."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         hashes = seq.block_hashes
-        for i in range(len(hashes), seq.num_computed_tokens // bs):
+        for i in range(len(hashes), min(seq.num_computed_tokens, seq.num_known_tokens) // bs):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
             h = chain_hash(hashes[-1] if hashes else None, tokens)
             hashes.append(h)

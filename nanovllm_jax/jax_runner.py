@@ -2,8 +2,9 @@
 
 Per step: pad the StepBatch to its (tokens, sequences) bucket and pack it into one int32 array
 (one host->device transfer), run the program compiled for that bucket at start-up (forward + on-device
-sampling; the caches are donated and updated in place), read back the sampled tokens (and logprobs
-when asked). Nothing compiles after warm-up: calling an ahead-of-time compiled program with any
+sampling; the caches are donated and updated in place) without waiting for it, and hand back a
+pending output that reads the sampled tokens (and logprobs when asked). Inputs sampled by the
+step before are taken from its tokens on the device, so steps queue back to back. Nothing compiles after warm-up: calling an ahead-of-time compiled program with any
 other shape raises instead of silently recompiling.
 """
 from __future__ import annotations
@@ -78,17 +79,22 @@ def enable_compilation_cache(cache_dir: str | None) -> str:
     return jax.config.jax_compilation_cache_dir
 
 
-def _forward_step(params, k_cache, v_cache, token_cache, packed, *, layout: StepLayout, forward, model_config):
+def _forward_step(params, k_cache, v_cache, token_cache, prev_tokens, packed, *, layout: StepLayout, forward,
+                  model_config):
     """Write this step's tokens and K/V, return logits for each sequence row (and the packed
-    per-sequence section, which stays on device for the sampler)."""
+    per-sequence section, which stays on device for the sampler). Inputs sampled by the previous
+    step come from its tokens, still on device."""
     inputs = layout.unpack(packed)
     fwd = inputs.forward
-    token_cache = token_cache.at[fwd.slot_mapping].set(fwd.input_ids, mode="drop")
+    input_ids = jnp.where(inputs.prev_rows >= 0, prev_tokens[jnp.maximum(inputs.prev_rows, 0)], fwd.input_ids)
+    fwd = fwd._replace(input_ids=input_ids)
+    token_cache = token_cache.at[fwd.slot_mapping].set(input_ids, mode="drop")
     logits, k_cache, v_cache = forward(params, k_cache, v_cache, fwd, model_config)
     return logits, inputs.seq_section, k_cache, v_cache, token_cache
 
 
-def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust: bool):
+def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust: bool, max_seqs: int):
+    """-> (the sampler's output, its tokens padded to max_seqs rows for the next step's inputs)."""
     inputs = layout.unpack(seq_section)
 
     def context():  # each row's context token ids, read through its block table (penalties only)
@@ -97,7 +103,27 @@ def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust:
         slots = inputs.block_tables[:, pos // bs] * bs + pos % bs
         return token_cache[slots], pos[None, :] < inputs.sampling.context_lens[:, None]
 
-    return sample(logits, inputs.sampling, context, adjust)
+    out = sample(logits, inputs.sampling, context, adjust)
+    return out, jnp.pad(out.token_ids, (0, max_seqs - layout.seqs))
+
+
+@dataclass(frozen=True)
+class _Pending:
+    out: object  # the sampler's output, on device
+    num_seqs: int
+    num_logprobs: int
+
+    def result(self) -> StepOutput:
+        s, n, out = self.num_seqs, self.num_logprobs, self.out
+        token_ids = np.asarray(out.token_ids)[:s]
+        if n == 0:
+            return StepOutput(token_ids=token_ids)
+        return StepOutput(
+            token_ids=token_ids,
+            logprobs=np.asarray(out.logprobs)[:s],
+            top_token_ids=np.asarray(out.top_token_ids)[:s, :n],
+            top_logprobs=np.asarray(out.top_logprobs)[:s, :n],
+        )
 
 
 class JaxRunner:
@@ -140,7 +166,9 @@ class JaxRunner:
             partial(_forward_step, forward=self.model.forward, model_config=mc), static_argnames=("layout",),
             donate_argnums=(1, 2, 3),
         )
-        self._sample_jit = jax.jit(_sample_step, static_argnames=("layout", "adjust"))
+        self.max_seqs = max(seqs for _, seqs in self.buckets)
+        self._sample_jit = jax.jit(partial(_sample_step, max_seqs=self.max_seqs), static_argnames=("layout", "adjust"))
+        self._last_tokens = jnp.zeros((self.max_seqs,), jnp.int32)  # the last step's, for prev_rows
         self._forward_programs: dict[tuple[int, int], tuple[StepLayout, object]] = {}
         self._sample_programs: dict[tuple[SeqLayout, bool], object] = {}
         start = time.perf_counter()
@@ -195,8 +223,8 @@ class JaxRunner:
             layout = self._layout(tokens, banned)
             packed = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
             try:
-                lowered = self._forward_jit.lower(self.params, self.k_cache, self.v_cache, self.token_cache, packed,
-                                                  layout=layout)
+                lowered = self._forward_jit.lower(self.params, self.k_cache, self.v_cache, self.token_cache,
+                                                  self._last_tokens, packed, layout=layout)
                 self._forward_programs[key] = (layout, lowered.compile())
             except Exception as e:
                 if not layout.context_kernel:
@@ -214,6 +242,9 @@ class JaxRunner:
     # ---- the step -------------------------------------------------------------------------
 
     def execute(self, batch: StepBatch) -> StepOutput:
+        return self.submit(batch).result()
+
+    def submit(self, batch: StepBatch) -> _Pending:
         tokens = bucket_for(batch.num_tokens, self._token_buckets)
         banned = max(MIN_BANNED_COLUMNS, batch.sampling.banned_token_ids.shape[1])
         if banned > MIN_BANNED_COLUMNS:  # rare (many stop ids under min_tokens): one more program
@@ -224,17 +255,8 @@ class JaxRunner:
         assert batch.num_seqs <= layout.seq.seqs, (batch.num_seqs, layout)
         packed = jax.device_put(layout.pack(batch))
         logits, section, self.k_cache, self.v_cache, self.token_cache = forward(
-            self.params, self.k_cache, self.v_cache, self.token_cache, packed
+            self.params, self.k_cache, self.v_cache, self.token_cache, self._last_tokens, packed
         )
-        out = sampler(logits, self.token_cache, section)
-        s = batch.num_seqs
-        token_ids = np.asarray(out.token_ids)[:s]
-        n = batch.sampling.num_logprobs
-        if n == 0:
-            return StepOutput(token_ids=token_ids)
-        return StepOutput(
-            token_ids=token_ids,
-            logprobs=np.asarray(out.logprobs)[:s],
-            top_token_ids=np.asarray(out.top_token_ids)[:s, :n],
-            top_logprobs=np.asarray(out.top_logprobs)[:s, :n],
-        )
+        out, self._last_tokens = sampler(logits, self.token_cache, section)
+        out.token_ids.copy_to_host_async()
+        return _Pending(out, batch.num_seqs, sp.num_logprobs)

@@ -13,10 +13,10 @@ from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.default_model import resolve_model
 from nanovllm_jax.detokenizer import IncrementalDetokenizer
 from nanovllm_jax.outputs import Logprob, RequestOutput, StreamDelta
-from nanovllm_jax.runner import ModelRunner, SamplingBatch, StepBatch
+from nanovllm_jax.runner import ModelRunner, PendingOutput, SamplingBatch, StepBatch
 from nanovllm_jax.sampling_params import SamplingParams
 from nanovllm_jax.scheduler import ScheduledBatch, Scheduler
-from nanovllm_jax.sequence import Sequence
+from nanovllm_jax.sequence import PENDING, Sequence, SequenceStatus
 from nanovllm_jax.tokenizer import Tokenizer, load_tokenizer
 
 Prompt = str | list[int]
@@ -62,6 +62,12 @@ class _Request:
         return self.detokenizer.text[: self.text_end]
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    pending: PendingOutput
+    sampled: list[tuple[int, Sequence]]  # (row, sequence) of each row that samples a token
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -74,6 +80,7 @@ class LLMEngine:
         self.requests: dict[int, _Request] = {}
         self._ids = itertools.count()
         self.last_step = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
+        self._in_flight: _InFlight | None = None
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -164,23 +171,39 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[StreamDelta]:
-        """Run one scheduled step; returns what each request that progressed gained."""
+        """Schedule and submit one step, then read back the step submitted before it (so the device
+        runs this one meanwhile); returns what each request that progressed in that one gained."""
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        decode_tokens = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens)
-        deltas: list[StreamDelta] = []
-        if scheduled:
-            batch = self._build_batch(scheduled)
-            output = self.runner.execute(batch)
-            self.scheduler.mark_computed(scheduled)
-            for row, (seq, _) in enumerate(scheduled):
-                if batch.needs_sample[row]:
-                    deltas.append(self._append_token(self.requests[seq.seq_id], row, output))
+        in_flight = self._submit(scheduled) if scheduled else None
+        deltas = self._read_back(self._in_flight) if self._in_flight else []
+        self._in_flight = in_flight
+        decode_tokens = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed_tokens > seq.num_prompt_tokens)
         self.last_step = {
             "prefill_tokens": sum(n for _, n in scheduled) - decode_tokens,
             "decode_tokens": decode_tokens,
             "seconds": time.perf_counter() - start,
         }
+        return deltas
+
+    def _submit(self, scheduled: ScheduledBatch) -> _InFlight:
+        batch = self._build_batch(scheduled)
+        pending = self.runner.submit(batch)
+        self.scheduler.mark_computed(scheduled)
+        sampled = [(row, seq) for row, (seq, _) in enumerate(scheduled) if batch.needs_sample[row]]
+        for _, seq in sampled:
+            seq.add_pending()
+        return _InFlight(pending, sampled)
+
+    def _read_back(self, step: _InFlight) -> list[StreamDelta]:
+        output = step.pending.result()
+        deltas = []
+        for row, seq in step.sampled:
+            if seq.is_finished:  # stopped by the step before, or aborted: the row's token is dropped
+                continue
+            deltas.append(self._append_token(self.requests[seq.seq_id], row, output))
+            if seq.status == SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq)
         return deltas
 
     def _build_batch(self, scheduled: ScheduledBatch) -> StepBatch:
@@ -207,6 +230,7 @@ class LLMEngine:
         context_lens = starts + num_new
         return StepBatch(
             input_ids=input_ids,
+            prev_rows=self._prev_rows(seqs, rows, input_ids),
             positions=positions,
             slot_mapping=(block_tables[rows, positions // bs] * bs + positions % bs).astype(np.int32),
             query_start=query_start,
@@ -217,11 +241,20 @@ class LLMEngine:
             sampling=self._sampling_batch(scheduled),
         )
 
+    def _prev_rows(self, seqs: list[Sequence], rows: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
+        """Per token, the in-flight step's row that samples it (-1 where the token is known)."""
+        prev_rows = np.full(len(input_ids), -1, np.int32)
+        pending = input_ids == PENDING
+        if pending.any():
+            row_of = {seq.seq_id: row for row, seq in self._in_flight.sampled}
+            prev_rows[pending] = [row_of[seqs[r].seq_id] for r in rows[pending]]
+        return prev_rows
+
     def _sampling_batch(self, scheduled: ScheduledBatch) -> SamplingBatch:
         seqs = [seq for seq, _ in scheduled]
         params = [seq.params for seq in seqs]
         banned_rows = [
-            self.requests[seq.seq_id].banned_ids if seq.num_output_tokens < seq.params.min_tokens else []
+            self.requests[seq.seq_id].banned_ids if seq.num_sampled_tokens < seq.params.min_tokens else []
             for seq in seqs
         ]
         banned = np.full((len(seqs), max(1, max(map(len, banned_rows)))), -1, dtype=np.int32)
@@ -246,7 +279,7 @@ class LLMEngine:
     def _append_token(self, request: _Request, row: int, output) -> StreamDelta:
         seq = request.seq
         token = int(output.token_ids[row])
-        seq.token_ids.append(token)
+        seq.fill_pending(token)
         if request.logprobs is not None:
             n = seq.params.logprobs
             top = dict(zip(output.top_token_ids[row, :n].tolist(), output.top_logprobs[row, :n].tolist()))
@@ -296,7 +329,7 @@ class LLMEngine:
         delta = StreamDelta(
             index=seq.seq_id,
             request_id=seq.seq_id,
-            token_ids=seq.token_ids[seq.num_prompt_tokens + request.emitted_tokens :],
+            token_ids=seq.output_token_ids[request.emitted_tokens :],
             text=text[request.emitted : end],
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,

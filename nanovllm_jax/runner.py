@@ -1,7 +1,12 @@
-"""The seam between the host scheduler and a backend: one step in as numpy arrays, tokens out."""
+"""The seam between the host scheduler and a backend: one step in as numpy arrays, tokens out.
+
+A step is submitted before the previous one's tokens are read back (so the host schedules the
+next step while the device runs this one): a decode row whose input is the token the previous
+step sampled names that step's row in `prev_rows`, and the backend takes the token from there.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -41,7 +46,8 @@ class StepBatch:
     (a partial prefill chunk has nothing to sample yet).
     """
 
-    input_ids: np.ndarray  # i32[T]
+    input_ids: np.ndarray  # i32[T]; where prev_rows >= 0, a placeholder
+    prev_rows: np.ndarray  # i32[T]; -1, or the row of the previous step whose sampled token is the input
     positions: np.ndarray  # i32[T]
     slot_mapping: np.ndarray  # i32[T]; block_id * block_size + offset
     query_start: np.ndarray  # i32[S+1]; sequence s owns tokens query_start[s]:query_start[s+1]
@@ -68,10 +74,42 @@ class StepOutput:
     top_logprobs: np.ndarray | None = None  # f32[S, N]
 
 
+class PendingOutput(Protocol):
+    def result(self) -> StepOutput: ...
+
+
 class ModelRunner(Protocol):
     """What a backend implements. It owns the KV cache; the block manager owns who uses which block."""
 
     num_kvcache_blocks: int
     vocab_size: int
 
-    def execute(self, batch: StepBatch) -> StepOutput: ...
+    def submit(self, batch: StepBatch) -> PendingOutput:
+        """Start the step (after every step submitted before it) and return at once, or when done."""
+        ...
+
+
+@dataclass(frozen=True)
+class Done:
+    output: StepOutput
+
+    def result(self) -> StepOutput:
+        return self.output
+
+
+class HostRunner:
+    """Base of backends that compute a step on the host, inside submit: `execute` sees real input ids."""
+
+    _last_tokens = np.zeros(0, np.int32)
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        raise NotImplementedError
+
+    def submit(self, batch: StepBatch) -> Done:
+        from_previous = batch.prev_rows >= 0
+        if from_previous.any():
+            ids = np.where(from_previous, self._last_tokens[np.maximum(batch.prev_rows, 0)], batch.input_ids)
+            batch = replace(batch, input_ids=ids.astype(np.int32))
+        output = self.execute(batch)
+        self._last_tokens = output.token_ids
+        return Done(output)

@@ -4,6 +4,8 @@ from enum import Enum, auto
 
 from nanovllm_jax.sampling_params import SamplingParams
 
+PENDING = -1  # a token sampled by a step still in flight
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -16,8 +18,9 @@ class Sequence:
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams, seed: int):
         self.seq_id = seq_id
-        self.token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # ends with num_pending PENDING placeholders
         self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_pending = 0
         self.params = params
         self.seed = seed
         self.status = SequenceStatus.WAITING
@@ -37,11 +40,35 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.num_prompt_tokens : self.num_known_tokens]
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) - self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
+        """Sampled tokens read back so far."""
+        return self.num_known_tokens - self.num_prompt_tokens
+
+    @property
+    def num_sampled_tokens(self) -> int:
+        """Sampled tokens, read back or still in flight."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def max_tokens_in_flight(self) -> bool:
+        """The last token max_tokens allows is sampled and not yet read back: nothing more to compute."""
+        return self.num_pending > 0 and self.num_sampled_tokens >= self.params.max_tokens
+
+    def add_pending(self) -> None:
+        self.token_ids.append(PENDING)
+        self.num_pending += 1
+
+    def fill_pending(self, token: int) -> None:
+        """The oldest placeholder's token has been read back."""
+        self.token_ids[self.num_known_tokens] = token
+        self.num_pending -= 1
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -52,5 +79,7 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     def finish(self, reason: str) -> None:
+        del self.token_ids[self.num_known_tokens :]  # tokens of steps in flight are dropped
+        self.num_pending = 0
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason

@@ -23,11 +23,12 @@ from nanovllm_jax.runner import StepBatch
 _SEQ_INT_FIELDS = ("context_lens", "logits_indices", "prompt_lens", "top_k", "seeds")
 _SEQ_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _SEQ_FLAGS = ("use_penalties", "use_logprobs")
-_TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_ids", "cached_lens")
+_TOKEN_FIELDS = ("input_ids", "prev_rows", "positions", "slot_mapping", "seq_ids", "cached_lens")
 
 
 class StepInputs(NamedTuple):
-    forward: ForwardInputs
+    forward: ForwardInputs  # input_ids still hold placeholders where prev_rows >= 0
+    prev_rows: jax.Array  # i32[T]
     seq_section: jax.Array  # the packed per-sequence prefix, for the sampler program
 
 
@@ -152,6 +153,8 @@ class StepLayout:
         seq_ids = np.repeat(np.arange(s, dtype=np.int32), new_per_seq)
         cached = (batch.context_lens - new_per_seq).astype(np.int32)
         field("input_ids")[:t] = batch.input_ids
+        field("prev_rows")[:] = -1
+        field("prev_rows")[:t] = batch.prev_rows
         field("positions")[:t] = batch.positions
         field("slot_mapping")[:] = self.num_slots
         field("slot_mapping")[:t] = batch.slot_mapping
@@ -181,4 +184,4 @@ class StepLayout:
         )
         logits_indices = _view(seq_section, seq.shapes, seq.offsets, "logits_indices")
         forward = ForwardInputs(field("input_ids"), field("slot_mapping"), logits_indices, attn)
-        return StepInputs(forward, seq_section)
+        return StepInputs(forward, field("prev_rows"), seq_section)

@@ -14,6 +14,7 @@ from backends.mock.runner import mock_logits
 from backends.sampler import log_softmax
 from mock_oracle import mock_generate
 from nanovllm_jax import LLM, SamplingParams
+from nanovllm_jax.sequence import PENDING
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS = ["The scheduler decides which tokens run", "A runner computes them", "héllo wörld 🦊 日本語"]
@@ -204,12 +205,47 @@ def test_simple_bpe_round_trips_any_unicode(llm, text):
 
 def test_abort_frees_blocks(llm):
     engine = llm.engine
-    rid = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=50, **GREEDY))
+    params = SamplingParams(max_tokens=50, **GREEDY)
+    rid = engine.add_request(PROMPTS[0], params)
     engine.step()
+    engine.step()  # the first token is read back; the second is in flight
     engine.abort(rid)
-    assert engine.release(rid).finish_reason == "abort"
+    out = engine.release(rid)
+    assert out.finish_reason == "abort"
+    assert out.token_ids == mock_generate(out.prompt_token_ids, params, llm.engine.runner.vocab_size, set())[:1]
     assert not engine.has_unfinished()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    again = llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)[0]
+    assert again.token_ids == mock_generate(out.prompt_token_ids, params, llm.engine.runner.vocab_size, set())[:3]
+
+
+def test_next_step_is_submitted_before_the_last_is_read_back(monkeypatch):
+    """The host schedules step N+1 while step N runs: N+1 is submitted before N's tokens are read back,
+    and its decode rows name the rows of N whose tokens are their inputs."""
+    llm = LLM(backend="mock", max_model_len=256)
+    runner, events = llm.engine.runner, []
+    submit = runner.submit
+
+    class Recorded:
+        def __init__(self, step, done):
+            self.step, self.done = step, done
+
+        def result(self):
+            events.append(("result", self.step))
+            return self.done.result()
+
+    def recording_submit(batch):
+        step = sum(e[0] == "submit" for e in events)
+        events.append(("submit", step, batch.prev_rows.tolist(), batch.input_ids.tolist()))
+        return Recorded(step, submit(batch))
+
+    monkeypatch.setattr(runner, "submit", recording_submit)
+    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_tokens=4, **GREEDY)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [e[:2] for e in events] == [("submit", 0), ("submit", 1), ("result", 0), ("submit", 2), ("result", 1),
+                                       ("submit", 3), ("result", 2), ("result", 3)]  # 4 tokens: 4 steps
+    assert events[1][2:] == ([0, 1], [PENDING, PENDING])
+    assert [o.token_ids for o in outs] == [mock_generate(p, params, runner.vocab_size, set()) for p in prompts]
 
 
 def test_reset_prefix_cache_forgets_cached_prompts_only_when_idle(llm):

@@ -11,7 +11,7 @@ import xxhash
 
 from backends.sampler import sample
 from nanovllm_jax.config import EngineConfig
-from nanovllm_jax.runner import StepBatch, StepOutput
+from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput
 
 MOCK_MAX_MODEL_LEN = 2048
 LOGIT_SCALE = 4.0
@@ -22,7 +22,7 @@ def mock_logits(context: np.ndarray, vocab_size: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(vocab_size) * LOGIT_SCALE).astype(np.float32)
 
 
-class MockRunner:
+class MockRunner(HostRunner):
     def __init__(self, config: EngineConfig, vocab_size: int):
         config.finalize(model_max_len=config.max_model_len or MOCK_MAX_MODEL_LEN)
         self.block_size = config.kvcache_block_size

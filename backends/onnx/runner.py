@@ -17,12 +17,12 @@ from backends.onnx.export import DATA_FILE, FORMAT_VERSION, METADATA_FILE, MODEL
 from backends.onnx.step_inputs import pack_group, row_groups, token_rows
 from backends.sampler import sample
 from nanovllm_jax.config import EngineConfig
-from nanovllm_jax.runner import StepBatch, StepOutput
+from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput
 
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
 
-class OnnxRunner:
+class OnnxRunner(HostRunner):
     def __init__(self, config: EngineConfig):
         if config.dtype not in (None, "float32"):
             raise ValueError(f"the onnx backend runs float32 only, got dtype={config.dtype!r}")
