@@ -186,9 +186,8 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
     eps = cfg.rms_norm_eps
     scale = cfg.query_pre_attn_scalar ** -0.5
 
-    def layer_step(carry, layer_in):
+    def layer_step(carry, w, layer, window, rope_row):
         x, k_cache, v_cache = carry
-        w, (layer, window, rope_row) = layer_in
         h = _norm(x, w["attn_norm"], eps)
         qkv = linear(h, w["w_qkv"])
         if cfg.attention_bias:
@@ -215,9 +214,10 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
     carry = (x, k_cache, v_cache)
     window = cfg.sliding_window
     if isinstance(params["layers"], (list, tuple)):  # per-layer arrays, unrolled: the kind is static
+        step = jax.jit(layer_step, static_argnums=(3, 4))  # traced once per kind; XLA inlines the calls
         for i, w in enumerate(params["layers"]):
             sliding = cfg.sliding_layers[i]
-            carry, _ = layer_step(carry, (w, (jnp.int32(i), window if sliding else None, 0 if sliding else 1)))
+            carry, _ = step(carry, w, jnp.int32(i), window if sliding else None, 0 if sliding else 1)
     else:  # stacked on axis 0: lax.scan, the kind is per-layer data so one body serves every layer
         sliding = np.asarray(cfg.sliding_layers)
         per_layer = (
@@ -225,7 +225,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
             jnp.asarray(np.where(sliding, window or NO_WINDOW, NO_WINDOW), jnp.int32),
             jnp.asarray(np.where(sliding, 0, 1), jnp.int32),  # row of rope_inv_freq
         )
-        carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], per_layer))
+        carry, _ = jax.lax.scan(lambda c, xs: layer_step(c, xs[0], *xs[1]), carry, (params["layers"], per_layer))
     x, k_cache, v_cache = carry
     h = _norm(x[inputs.logits_indices], params["norm"], eps)
     logits = linear(h, params.get("lm_head", embed), jnp.float32)

@@ -218,8 +218,9 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
 
     carry = (x, k_cache, v_cache)
     if isinstance(params["layers"], (list, tuple)):  # per-layer arrays, unrolled (see loader.to_device)
+        step = jax.jit(layer_step)  # traced once, called per layer; XLA inlines the calls
         for i, w in enumerate(params["layers"]):
-            carry, _ = layer_step(carry, (w, jnp.int32(i)))
+            carry, _ = step(carry, (w, jnp.int32(i)))
     else:  # stacked on axis 0: lax.scan, ~4x faster to compile
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], layer_ids))
