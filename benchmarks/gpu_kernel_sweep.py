@@ -56,7 +56,7 @@ def time_ms(tuning: KernelTuning, inputs) -> float:
 
 def sweep() -> list[dict]:
     """Key tile x splits at Triton's default launch (4 warps, 3 stages), then warps x stages around the
-    fastest of those."""
+    fastest of those, then keys gathered row by row (row_gather) around the fastest so far."""
     cases = {seqs: decode_inputs(seqs if GPU else 2) for seqs in (256, 32)}
     results, start = [], time.perf_counter()
 
@@ -80,6 +80,9 @@ def sweep() -> list[dict]:
     for warps, stages in itertools.product((4, 8), (2, 3, 4)):
         if (warps, stages) != (4, 3):
             measure(KernelTuning(**best | dict(num_warps=warps, num_stages=stages)))
+    best = fastest(results)["tuning"]
+    for tile, stages in itertools.product((16 << 10, 32 << 10), (2, 3)):
+        measure(KernelTuning(**best | dict(key_tile_bytes=tile, num_stages=stages, row_gather=True)))
     return results
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from hf_models import load_reference, reference_logits, tiny_model_dirs
 from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
+from nanovllm_jax.layers import context_kernel
 from nanovllm_jax.layers.context_kernel import KernelTuning, context_attention
 from nanovllm_jax.loader import load_model
 from nanovllm_jax.models import ForwardInputs
@@ -155,8 +156,9 @@ def test_paged_attention_matches_dense_reference(window, softcap, lens, new, til
 
 
 @pytest.mark.parametrize("window", [None, 9])
-def test_context_kernel_splits_agree(window):
-    """Programs sharing a context (splits, 3 of them: uneven shares, some empty) give the one-program state."""
+def test_context_kernel_variants_agree(window):
+    """Programs sharing a context (3 splits: uneven shares, some empty) and keys gathered row by row
+    give the state of one program gathering whole pages."""
     rng = np.random.default_rng(0)
     t, kv, g, d, bs, width = 5, 2, 3, 16, 4, 16
     lens = np.array([0, 3, 17, 40, 63], np.int32)
@@ -166,16 +168,37 @@ def test_context_kernel_splits_agree(window):
     meta = AttentionMetadata(jnp.asarray(lens + 1), jnp.arange(t, dtype=jnp.int32), jnp.asarray(lens),
                              jnp.asarray(tables), block_size=bs, pages_per_chunk=2, context_kernel=True)
 
-    def attend(splits):
-        tuning = KernelTuning(splits=splits, split_below=1 << 30)
+    def attend(**tuning):
         m, l, acc = context_attention(jnp.asarray(qg), jnp.asarray(k_cache), jnp.asarray(v_cache), 1, meta,
-                                      scale=0.3, sliding_window=window, softcap=None, tuning=tuning)
+                                      scale=0.3, sliding_window=window, softcap=None,
+                                      tuning=KernelTuning(split_below=1 << 30, **tuning))
         return np.asarray(acc) / np.maximum(np.asarray(l), 1e-30)[..., None], np.asarray(l) > 0
 
-    (one, seen_one), (split, seen_split) = attend(1), attend(3)
-    np.testing.assert_array_equal(seen_one, seen_split)
-    assert seen_one.any() and not seen_one.all()
-    np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-6)
+    one, seen = attend(splits=1)
+    assert seen.any() and not seen.all()
+    for variant in (dict(splits=3), dict(splits=1, row_gather=True)):
+        out, seen_variant = attend(**variant)
+        np.testing.assert_array_equal(seen_variant, seen)
+        np.testing.assert_allclose(out, one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("row_gather", [False, True])
+def test_context_kernel_lowers_to_triton(row_gather, monkeypatch):
+    """The kernel as a GPU build would lower it (Pallas -> Triton IR), without a GPU: an op Triton
+    lowering lacks fails here rather than on a lent machine."""
+    from jax import export
+
+    t, kv, g, d, bs, width = 64, 8, 2, 128, 16, 128
+    meta = AttentionMetadata(jnp.zeros(t, jnp.int32), jnp.arange(t, dtype=jnp.int32), jnp.zeros(t, jnp.int32),
+                             jnp.zeros((t, width), jnp.int32), block_size=bs, pages_per_chunk=8, context_kernel=True)
+    monkeypatch.setattr(context_kernel.jax, "default_backend", lambda: "gpu")  # no interpret mode
+    fn = jax.jit(lambda q, k, v: context_attention(q, k, v, 1, meta, scale=0.1, sliding_window=64, softcap=30.0,
+                                                   tuning=KernelTuning(row_gather=row_gather)))
+    cache = jax.ShapeDtypeStruct((2, kv, t * width * bs, d), jnp.bfloat16)
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(
+        jax.ShapeDtypeStruct((kv, t, g, d), jnp.bfloat16), cache, cache)
+    assert exported.mlir_module().count("xla.gpu.triton") == 1
 
 
 def test_loader_errors_name_the_problem(model_dirs, tmp_path):

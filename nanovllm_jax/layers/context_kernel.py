@@ -36,6 +36,9 @@ class KernelTuning:
     split_below: int = 8192  # ...while the grid has fewer programs than this (small steps, the tail of a run)
     num_warps: int | None = 4  # None: Triton's defaults (4 warps, 3 stages)
     num_stages: int | None = 2
+    # Keys as one [keys, dim] gather with each row's page looked up, instead of a [pages, block, dim]
+    # gather reshaped: not yet timed on a GPU (gpu_kernel_sweep.py does).
+    row_gather: bool = False
 
 
 TUNING = KernelTuning()
@@ -68,7 +71,7 @@ def context_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lay
     bounds = jnp.stack([lo, meta.cached_lens], axis=1)  # keys at positions [lo, cached_len)
 
     kernel = partial(_kernel, pages=pages, block_size=bs, blocks_per_head=blocks, heads=g, splits=splits,
-                     scale=scale, softcap=softcap)
+                     row_gather=tuning.row_gather, scale=scale, softcap=softcap)
     whole = pl.BlockSpec(k_pages.shape, lambda i, h, s: (0, 0, 0))
     m, l, acc = pl.pallas_call(
         kernel,
@@ -102,7 +105,7 @@ def context_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lay
 
 
 def _kernel(q_ref, k_ref, v_ref, tables_ref, bounds_ref, m_ref, l_ref, acc_ref, *, pages: int, block_size: int,
-            blocks_per_head: int, heads: int, splits: int, scale: float, softcap: float | None):
+            blocks_per_head: int, heads: int, splits: int, row_gather: bool, scale: float, softcap: float | None):
     chunk = pages * block_size
     q = q_ref[...]
     lo, hi = bounds_ref[0], bounds_ref[1]
@@ -110,9 +113,14 @@ def _kernel(q_ref, k_ref, v_ref, tables_ref, bounds_ref, m_ref, l_ref, acc_ref, 
 
     def visit(j, state):
         m, l, acc = state
-        ids = tables_ref[pl.ds(j * pages, pages)] + head_first_page
-        keys = k_ref[ids].reshape(chunk, q.shape[-1])
-        vals = v_ref[ids].reshape(chunk, q.shape[-1])
+        if row_gather:
+            key = jnp.arange(chunk, dtype=jnp.int32)
+            page, offset = tables_ref[j * pages + key // block_size] + head_first_page, key % block_size
+            keys, vals = k_ref[page, offset], v_ref[page, offset]
+        else:
+            ids = tables_ref[pl.ds(j * pages, pages)] + head_first_page
+            keys = k_ref[ids].reshape(chunk, q.shape[-1])
+            vals = v_ref[ids].reshape(chunk, q.shape[-1])
         s = jnp.dot(q, keys.T, precision=EXACT, preferred_element_type=jnp.float32) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
