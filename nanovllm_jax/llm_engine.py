@@ -329,7 +329,7 @@ class LLMEngine:
         delta = StreamDelta(
             index=seq.seq_id,
             request_id=seq.seq_id,
-            token_ids=seq.output_token_ids[request.emitted_tokens :],
+            token_ids=seq.token_ids[seq.num_prompt_tokens + request.emitted_tokens : seq.num_known_tokens],
             text=text[request.emitted : end],
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
