@@ -4,8 +4,9 @@ Per step: pad the StepBatch to its (tokens, sequences) bucket and pack it into o
 (one host->device transfer), run the program compiled for that bucket at start-up (forward + on-device
 sampling; the caches are donated and updated in place) without waiting for it, and hand back a
 pending output that reads the sampled tokens (and logprobs when asked). Inputs sampled by the
-step before are taken from its tokens on the device, so steps queue back to back. Nothing compiles after warm-up: calling an ahead-of-time compiled program with any
-other shape raises instead of silently recompiling.
+step before are taken from its tokens on the device, so steps queue back to back. Nothing
+compiles after warm-up: calling an ahead-of-time compiled program with any other shape raises
+instead of silently recompiling.
 """
 from __future__ import annotations
 
