@@ -175,9 +175,9 @@ class LLMEngine:
         runs this one meanwhile); returns what each request that progressed in that one gained."""
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        in_flight = self._submit(scheduled) if scheduled else None
-        deltas = self._read_back(self._in_flight) if self._in_flight else []
-        self._in_flight = in_flight
+        in_flight = self._submit(scheduled) if scheduled else None  # its inputs may name rows of the last one
+        previous, self._in_flight = self._in_flight, in_flight
+        deltas = self._read_back(previous) if previous else []  # if this raises, the engine still goes on
         decode_tokens = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed_tokens > seq.num_prompt_tokens)
         self.last_step = {
             "prefill_tokens": sum(n for _, n in scheduled) - decode_tokens,

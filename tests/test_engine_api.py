@@ -248,6 +248,33 @@ def test_next_step_is_submitted_before_the_last_is_read_back(monkeypatch):
     assert [o.token_ids for o in outs] == [mock_generate(p, params, runner.vocab_size, set()) for p in prompts]
 
 
+def test_a_failed_step_fails_its_requests_only(monkeypatch):
+    """A backend error while reading a step back reaches the caller; its requests are aborted and
+    the engine serves the next ones exactly."""
+    llm = LLM(backend="mock", max_model_len=256)
+    runner = llm.engine.runner
+    submit, submitted = runner.submit, []
+
+    class Failing:
+        def result(self):
+            raise RuntimeError("device lost")
+
+    def failing_third(batch):
+        submitted.append(batch)
+        done = submit(batch)
+        return Failing() if len(submitted) == 3 else done
+
+    monkeypatch.setattr(runner, "submit", failing_third)
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)
+    assert not llm.engine.requests and not llm.engine.has_unfinished()
+    outs = llm.generate([[10, 11, 12], [13]], params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [mock_generate(p, params, runner.vocab_size, set()) for p in ([10, 11, 12], [13])]
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
 def test_reset_prefix_cache_forgets_cached_prompts_only_when_idle(llm):
     prompt = list(range(3, 70))  # four full blocks of 16
     params = SamplingParams(max_tokens=2, **GREEDY)
