@@ -24,7 +24,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from nanovllm_jax.layers.context_kernel import MASKED, context_attention
+from nanovllm_jax.layers.context_kernel import context_attention
+from nanovllm_jax.layers.online_softmax import MASKED, fold, merge
 
 
 @partial(jax.tree_util.register_dataclass,
@@ -91,7 +92,7 @@ def paged_attention(
     if meta.context_kernel:
         context = context_attention(qg, k_cache, v_cache, layer, meta, scale=scale,
                                     sliding_window=sliding_window, softcap=softcap)
-        m, l, acc = _merge_states(state, context)
+        m, l, acc = merge(*(jnp.stack(pair) for pair in zip(state, context)))
     else:
         m, l, acc = _walk_cached_context(qg, k_cache, v_cache, layer, meta, state, scores, in_window)
     out = acc / l[..., None]  # [KV, T, G, D]
@@ -122,7 +123,7 @@ def _walk_cached_context(qg, k_cache, v_cache, layer, meta: AttentionMetadata, s
             key_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
             ok = (key_pos[None, :] < cached_b[:, None]) & in_window(pos_b, key_pos)
             s = jnp.where(ok[None, :, None, :], scores(q_b, keys, "ktgd,ktcd->ktgc"), MASKED)
-            return _online_softmax_step(block_state, s, vals.astype(jnp.float32), "ktgc,ktcd->ktgd")
+            return fold(block_state, s, lambda p: jnp.einsum("ktgc,ktcd->ktgd", p, vals.astype(jnp.float32)))
 
         block_state = tuple(jax.lax.dynamic_slice_in_dim(x, start, tb, axis=1) for x in state)
         block_state = jax.lax.fori_loop(0, (cached_b.max() + chunk - 1) // chunk, visit, block_state)
@@ -158,7 +159,8 @@ def _attend_new_tokens(qg, k_new, v_new, meta: AttentionMetadata, scores, in_win
             return jnp.where(ok[None, :, None, :], s, MASKED), rows(vals_all, k_start, 1)
 
         def visit(j, state):
-            return _online_softmax_step(state, *block_scores(j), "ktgc,kcd->ktgd")
+            s, vals = block_scores(j)
+            return fold(state, s, lambda p: jnp.einsum("ktgc,kcd->ktgd", p, vals))
 
         diagonal = visit(i, (jnp.full((kv, qb, g), MASKED), jnp.zeros((kv, qb, g)), jnp.zeros((kv, qb, g, d))))
         if qb == t:  # the only block has no earlier ones
@@ -174,20 +176,3 @@ def _attend_new_tokens(qg, k_new, v_new, meta: AttentionMetadata, scores, in_win
     state = (jnp.zeros((kv, t, g), jnp.float32), jnp.zeros((kv, t, g), jnp.float32),
              jnp.zeros((kv, t, g, d), jnp.float32))
     return jax.lax.fori_loop(0, t // qb, query_block, state)
-
-
-def _online_softmax_step(state, s: jax.Array, vals: jax.Array, pv_equation: str):
-    """Fold one block of masked scores s [KV, T, G, C] and its values into the running (max, sum,
-    weighted values) of every query row."""
-    m, l, acc = state
-    m_next = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.exp(s - m_next[..., None])
-    alpha = jnp.exp(m - m_next)
-    return m_next, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + jnp.einsum(pv_equation, p, vals)
-
-
-def _merge_states(a, b):
-    """Online-softmax states of the same query rows over two disjoint key sets -> over their union."""
-    m = jnp.maximum(a[0], b[0])
-    wa, wb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
-    return m, a[1] * wa + b[1] * wb, a[2] * wa[..., None] + b[2] * wb[..., None]

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from nanovllm_jax.layers.online_softmax import MASKED, fold, merge
+
 if TYPE_CHECKING:
     from nanovllm_jax.layers.attention import AttentionMetadata
 
-MASKED = -1e30  # a masked score: finite, so a fully masked block never turns the running max into NaN
 EXACT = jax.lax.Precision.HIGHEST  # f32 caches: IEEE dots, not Triton's default TF32 (no effect on bf16)
 MIN_DOT_ROWS = 16  # Triton's dot needs at least 16 rows: the query heads of a kv head are padded up to it
 
@@ -99,9 +100,7 @@ def context_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lay
     m, l, acc = m[..., :g], l[..., :g], acc[..., :g, :]  # the padding rows were never written
     if splits == 1:
         return m[0], l[0], acc[0]
-    m_all = m.max(axis=0)
-    w = jnp.exp(m - m_all)
-    return m_all, (l * w).sum(axis=0), (acc * w[..., None]).sum(axis=0)
+    return merge(m, l, acc)
 
 
 def _kernel(q_ref, k_ref, v_ref, tables_ref, bounds_ref, m_ref, l_ref, acc_ref, *, pages: int, block_size: int,
@@ -112,7 +111,6 @@ def _kernel(q_ref, k_ref, v_ref, tables_ref, bounds_ref, m_ref, l_ref, acc_ref, 
     head_first_page = pl.program_id(1) * blocks_per_head
 
     def visit(j, state):
-        m, l, acc = state
         if row_gather:
             key = jnp.arange(chunk, dtype=jnp.int32)
             page, offset = tables_ref[j * pages + key // block_size] + head_first_page, key % block_size
@@ -126,11 +124,8 @@ def _kernel(q_ref, k_ref, v_ref, tables_ref, bounds_ref, m_ref, l_ref, acc_ref, 
             s = softcap * jnp.tanh(s / softcap)
         key_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
         s = jnp.where(((key_pos >= lo) & (key_pos < hi))[None, :], s, MASKED)
-        m_next = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.exp(s - m_next[:, None])
-        alpha = jnp.exp(m - m_next)
-        pv = jnp.dot(p.astype(vals.dtype), vals, precision=EXACT, preferred_element_type=jnp.float32)
-        return m_next, l * alpha + p.sum(axis=-1), acc * alpha[:, None] + pv
+        return fold(state, s, lambda p: jnp.dot(p.astype(vals.dtype), vals, precision=EXACT,
+                                                preferred_element_type=jnp.float32))
 
     rows, d = q.shape
     # Every visited chunk holds at least one key in [lo, hi), so m is finite after the first visit
