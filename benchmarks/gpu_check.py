@@ -21,15 +21,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 
+def scattered_contexts(rng: np.random.Generator, seqs: int, min_len: int, max_len: int, kv: int, d: int, bs: int,
+                       dtype) -> tuple[np.ndarray, np.ndarray, jax.Array, jax.Array]:
+    """Context lengths in [min_len, max_len), each sequence's pages scattered over a 2-layer cache ->
+    (lens, block tables, k_cache, v_cache)."""
+    lens = rng.integers(min_len, max_len, size=seqs)
+    width = max_len // bs
+    tables = rng.permutation(seqs * width).reshape(seqs, width).astype(np.int32)
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((2, kv, seqs * width * bs, d), np.float32), dtype) for _ in "kv")
+    return lens, tables, k_cache, v_cache
+
+
 def kernel_check(dtype: str, seqs: int = 256, kv: int = 8, heads: int = 16, d: int = 128, bs: int = 16) -> None:
     from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
 
     rng = np.random.default_rng(0)
-    lens = rng.integers(100, 2048, size=seqs)
-    width = 2048 // bs
-    blocks = seqs * width
-    tables = rng.permutation(blocks).reshape(seqs, width).astype(np.int32)
-    k_cache, v_cache = (jnp.asarray(rng.standard_normal((2, kv, blocks * bs, d), np.float32), dtype) for _ in "kv")
+    lens, tables, k_cache, v_cache = scattered_contexts(rng, seqs, 100, 2048, kv, d, bs, dtype)
     q = jnp.asarray(rng.standard_normal((seqs, heads, d), np.float32), dtype)
     k_new, v_new = (jnp.asarray(rng.standard_normal((seqs, kv, d), np.float32), dtype) for _ in "kv")
 

@@ -21,7 +21,7 @@ from nanovllm_jax.layers import context_kernel
 from nanovllm_jax.layers.attention import AttentionMetadata
 from nanovllm_jax.layers.context_kernel import KernelTuning, context_attention
 
-from gpu_check import kernel_check  # beside this script
+from gpu_check import kernel_check, scattered_contexts  # beside this script
 
 BUDGET_S = 150
 GPU = jax.default_backend() == "gpu"  # elsewhere: a dry run of the code paths (interpret mode, small sizes)
@@ -30,10 +30,7 @@ GPU = jax.default_backend() == "gpu"  # elsewhere: a dry run of the code paths (
 def decode_inputs(seqs: int, kv: int = 8, g: int = 2, d: int = 128, bs: int = 16, dtype=jnp.bfloat16):
     rng = np.random.default_rng(0)
     max_len = 2048 if GPU else 256
-    lens = rng.integers(max_len // 20, max_len, size=seqs)
-    width = max_len // bs
-    tables = rng.permutation(seqs * width).reshape(seqs, width).astype(np.int32)
-    k_cache, v_cache = (jnp.asarray(rng.standard_normal((2, kv, seqs * width * bs, d), np.float32), dtype) for _ in "kv")
+    lens, tables, k_cache, v_cache = scattered_contexts(rng, seqs, max_len // 20, max_len, kv, d, bs, dtype)
     qg = jnp.asarray(rng.standard_normal((kv, seqs, g, d), np.float32), dtype)
     meta = AttentionMetadata(jnp.asarray(lens, jnp.int32), jnp.arange(seqs, dtype=jnp.int32),
                              jnp.asarray(lens - 1, jnp.int32), jnp.asarray(tables), block_size=bs, pages_per_chunk=16,
