@@ -116,7 +116,7 @@ def _parts(runner: JaxRunner, step: StepBatch, repeats: int) -> tuple[float, flo
             runner.params, runner.k_cache, runner.v_cache, runner.token_cache, runner._last_tokens, packed)
         logits.block_until_ready()
         t1 = time.perf_counter()
-        sampler(logits, runner.token_cache, section)[0].token_ids.block_until_ready()
+        sampler(logits, runner.token_cache, section).token_ids.block_until_ready()
         fwd.append(t1 - t0)
         sample.append(time.perf_counter() - t1)
     return tuple(statistics.median(x) * 1000 for x in (pack, fwd, sample))

@@ -95,7 +95,7 @@ def _forward_step(params, k_cache, v_cache, token_cache, prev_tokens, packed, *,
 
 
 def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust: bool, max_seqs: int):
-    """-> (the sampler's output, its tokens padded to max_seqs rows for the next step's inputs)."""
+    """The sampler's output, its tokens padded to max_seqs rows (the next step's inputs read them)."""
     inputs = layout.unpack(seq_section)
 
     def context():  # each row's context token ids, read through its block table (penalties only)
@@ -105,7 +105,7 @@ def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust:
         return token_cache[slots], pos[None, :] < inputs.sampling.context_lens[:, None]
 
     out = sample(logits, inputs.sampling, context, adjust)
-    return out, jnp.pad(out.token_ids, (0, max_seqs - layout.seqs))
+    return out._replace(token_ids=jnp.pad(out.token_ids, (0, max_seqs - layout.seqs)))
 
 
 @dataclass(frozen=True)
@@ -258,6 +258,7 @@ class JaxRunner:
         logits, section, self.k_cache, self.v_cache, self.token_cache = forward(
             self.params, self.k_cache, self.v_cache, self.token_cache, self._last_tokens, packed
         )
-        out, self._last_tokens = sampler(logits, self.token_cache, section)
+        out = sampler(logits, self.token_cache, section)
+        self._last_tokens = out.token_ids
         out.token_ids.copy_to_host_async()
         return _Pending(out, batch.num_seqs, sp.num_logprobs)
