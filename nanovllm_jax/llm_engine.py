@@ -178,6 +178,10 @@ class LLMEngine:
         in_flight = self._submit(scheduled) if scheduled else None  # its inputs may name rows of the last one
         previous, self._in_flight = self._in_flight, in_flight
         deltas = self._read_back(previous) if previous else []  # if this raises, the engine still goes on
+        if self._in_flight and not self.scheduler.has_unfinished():
+            # every request it computes for has stopped: wait for it, so no step outlives the work
+            self._in_flight, idle = None, self._in_flight
+            idle.pending.result()
         decode_tokens = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed_tokens > seq.num_prompt_tokens)
         self.last_step = {
             "prefill_tokens": sum(n for _, n in scheduled) - decode_tokens,

@@ -248,6 +248,35 @@ def test_next_step_is_submitted_before_the_last_is_read_back(monkeypatch):
     assert [o.token_ids for o in outs] == [mock_generate(p, params, runner.vocab_size, set()) for p in prompts]
 
 
+def test_no_step_is_left_in_flight_once_every_request_stopped(monkeypatch):
+    """A stop token read back from step N ends the request after N+1 was submitted for it: the engine
+    waits for N+1 before it reports the work done, so no step outlives it."""
+    llm = LLM(backend="mock", max_model_len=256)
+    runner, events = llm.engine.runner, []
+    submit = runner.submit
+
+    class Recorded:
+        def __init__(self, done):
+            self.done = done
+
+        def result(self):
+            events.append("result")
+            return self.done.result()
+
+    def recording_submit(batch):
+        events.append("submit")
+        return Recorded(submit(batch))
+
+    monkeypatch.setattr(runner, "submit", recording_submit)
+    prompt = [5, 6, 7]
+    expected = mock_generate(prompt, SamplingParams(max_tokens=8, **GREEDY), runner.vocab_size, set())
+    params = SamplingParams(max_tokens=8, stop_token_ids=[expected[1]], **GREEDY)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert out.token_ids == expected[:2] and out.finish_reason == "stop"
+    assert events == ["submit", "submit", "result", "submit", "result", "result"]
+    assert llm.engine._in_flight is None
+
+
 def test_a_failed_step_fails_its_requests_only(monkeypatch):
     """A backend error while reading a step back reaches the caller; its requests are aborted and
     the engine serves the next ones exactly."""
