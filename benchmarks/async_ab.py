@@ -5,8 +5,10 @@
 `sync` makes the JAX runner wait for each step's tokens inside submit, so the host schedules the
 next step only after the device is done (the engine before async scheduling); `async` is the default.
 Both print where the host's time per step went: inside submit (packing, dispatch, and in `sync` the
-wait) and waiting in result() for the tokens; the rest of a step is the engine's own work.
-If submit alone takes about a device step in `async`, dispatch itself waits for the device.
+wait) and waiting in result() for the tokens; the rest of a step is the engine's own work. In
+`async`, submit also dispatches the previous step's sampler, which on GPU waits until the device
+has run the previous forward (each lax.cond reads its predicate back): that wait is where the host
+should spend its idle time, while the engine's own work overlaps the device.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def timed_submit(self, batch):
     start = time.perf_counter()
     pending = submit(self, batch)
     if mode == "sync":
-        pending.out.token_ids.block_until_ready()
+        pending.sampled().token_ids.block_until_ready()
     spent["submit"] += time.perf_counter() - start
     spent["steps"] += 1
     return pending

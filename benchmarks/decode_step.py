@@ -113,7 +113,7 @@ def _parts(runner: JaxRunner, step: StepBatch, repeats: int) -> tuple[float, flo
         packed = jax.device_put(packed).block_until_ready()
         t0 = time.perf_counter()
         logits, section, runner.k_cache, runner.v_cache, runner.token_cache = forward(
-            runner.params, runner.k_cache, runner.v_cache, runner.token_cache, runner._last_tokens, packed)
+            runner.params, runner.k_cache, runner.v_cache, runner.token_cache, runner._no_tokens, packed)
         logits.block_until_ready()
         t1 = time.perf_counter()
         sampler(logits, runner.token_cache, section).token_ids.block_until_ready()

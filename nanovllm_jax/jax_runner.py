@@ -4,7 +4,8 @@ Per step: pad the StepBatch to its (tokens, sequences) bucket and pack it into o
 (one host->device transfer), run the program compiled for that bucket at start-up (forward + on-device
 sampling; the caches are donated and updated in place) without waiting for it, and hand back a
 pending output that reads the sampled tokens (and logprobs when asked). Inputs sampled by the
-step before are taken from its tokens on the device, so steps queue back to back. Nothing
+step before are taken from its tokens on the device, so steps queue back to back; a step's sampler
+is dispatched only when the next step or the reader needs its tokens (see _Pending). Nothing
 compiles after warm-up: calling an ahead-of-time compiled program with any other shape raises
 instead of silently recompiling.
 """
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,7 @@ import numpy as np
 from nanovllm_jax.buckets import bucket_for, buckets, step_buckets
 from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.hugepages import advise_huge_pages
-from nanovllm_jax.layers.sampler import sample
+from nanovllm_jax.layers.sampler import SampleOutput, sample
 from nanovllm_jax.loader import DTYPES, load_model
 from nanovllm_jax.runner import StepBatch, StepOutput
 from nanovllm_jax.step_packing import SeqLayout, StepLayout
@@ -108,14 +110,27 @@ def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust:
     return out._replace(token_ids=jnp.pad(out.token_ids, (0, max_seqs - layout.seqs)))
 
 
-@dataclass(frozen=True)
 class _Pending:
-    out: object  # the sampler's output, on device
-    num_seqs: int
-    num_logprobs: int
+    """A submitted step whose sampler program is dispatched only when its tokens are first needed: by
+    the next step's forward (which reads them on device) or by result(). On GPU every lax.cond in
+    the sampler makes the dispatching thread wait until the device reaches it, so dispatching the
+    sampler right behind its forward would hold the host until that forward is done, and the host's
+    work for the step before would not overlap it."""
+
+    def __init__(self, dispatch: Callable[[], SampleOutput], num_seqs: int, num_logprobs: int):
+        self._dispatch: Callable[[], SampleOutput] | None = dispatch
+        self._out: SampleOutput | None = None
+        self.num_seqs, self.num_logprobs = num_seqs, num_logprobs
+
+    def sampled(self) -> SampleOutput:
+        """The sampler's output, on device (dispatched on the first call)."""
+        if self._out is None:
+            self._out, self._dispatch = self._dispatch(), None
+            self._out.token_ids.copy_to_host_async()
+        return self._out
 
     def result(self) -> StepOutput:
-        s, n, out = self.num_seqs, self.num_logprobs, self.out
+        s, n, out = self.num_seqs, self.num_logprobs, self.sampled()
         token_ids = np.asarray(out.token_ids)[:s]
         if n == 0:
             return StepOutput(token_ids=token_ids)
@@ -169,7 +184,8 @@ class JaxRunner:
         )
         self.max_seqs = max(seqs for _, seqs in self.buckets)
         self._sample_jit = jax.jit(partial(_sample_step, max_seqs=self.max_seqs), static_argnames=("layout", "adjust"))
-        self._last_tokens = jnp.zeros((self.max_seqs,), jnp.int32)  # the last step's, for prev_rows
+        self._no_tokens = jnp.zeros((self.max_seqs,), jnp.int32)  # prev_tokens before any step
+        self._last_step: _Pending | None = None  # its tokens are the next step's prev_rows inputs
         self._forward_programs: dict[tuple[int, int], tuple[StepLayout, object]] = {}
         self._sample_programs: dict[tuple[SeqLayout, bool], object] = {}
         start = time.perf_counter()
@@ -225,7 +241,7 @@ class JaxRunner:
             packed = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
             try:
                 lowered = self._forward_jit.lower(self.params, self.k_cache, self.v_cache, self.token_cache,
-                                                  self._last_tokens, packed, layout=layout)
+                                                  self._no_tokens, packed, layout=layout)
                 self._forward_programs[key] = (layout, lowered.compile())
             except Exception as e:
                 if not layout.context_kernel:
@@ -255,10 +271,10 @@ class JaxRunner:
         layout, forward, sampler = self._programs(tokens, banned, adjust)
         assert batch.num_seqs <= layout.seq.seqs, (batch.num_seqs, layout)
         packed = jax.device_put(layout.pack(batch))
+        prev_tokens = self._last_step.sampled().token_ids if self._last_step else self._no_tokens
         logits, section, self.k_cache, self.v_cache, self.token_cache = forward(
-            self.params, self.k_cache, self.v_cache, self.token_cache, self._last_tokens, packed
+            self.params, self.k_cache, self.v_cache, self.token_cache, prev_tokens, packed
         )
-        out = sampler(logits, self.token_cache, section)
-        self._last_tokens = out.token_ids
-        out.token_ids.copy_to_host_async()
-        return _Pending(out, batch.num_seqs, sp.num_logprobs)
+        # the sampler reads this step's token cache before the next forward, which donates it, runs
+        self._last_step = _Pending(partial(sampler, logits, self.token_cache, section), batch.num_seqs, sp.num_logprobs)
+        return self._last_step

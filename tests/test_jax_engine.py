@@ -179,6 +179,37 @@ def test_no_compilation_after_warmup(model_dirs, xla_cache, prompts):
     assert counter.count == 0
 
 
+def test_a_steps_sampler_is_dispatched_when_its_tokens_are_needed(model_dirs, xla_cache, prompts, monkeypatch):
+    """Step N's sampler program is dispatched by step N+1's submit (just before its forward) or by the
+    read-back of N, never by N's own submit: on GPU its lax.conds hold the dispatching thread until the
+    device gets there, so dispatching it behind N's forward would keep the host from overlapping N."""
+    from nanovllm_jax import jax_runner
+
+    llm = engine(model_dirs, xla_cache, "qwen3", "default")
+    runner, events = llm.engine.runner, []
+    programs, result = runner._programs, jax_runner._Pending.result
+
+    def recorded(name, program):
+        def call(*args):
+            events.append(name)
+            return program(*args)
+        return call
+
+    def recording_programs(*args):
+        layout, forward, sampler = programs(*args)
+        return layout, recorded("forward", forward), recorded("sampler", sampler)
+
+    def recording_result(self):
+        events.append("result")
+        return result(self)
+
+    monkeypatch.setattr(runner, "_programs", recording_programs)
+    monkeypatch.setattr(jax_runner._Pending, "result", recording_result)
+    out = llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert out[0].token_ids == greedy_reference(model_dirs, "qwen3", prompts)[0][:3]
+    assert events == ["forward", "sampler", "forward", "result", "sampler", "forward", "result", "result", "sampler"]
+
+
 def test_gpu_tiling_and_context_kernel_match_transformers(model_dirs, xla_cache, prompts, monkeypatch):
     """The GPU's attention tiling (wide blocks, 16-token smallest bucket, the Pallas context kernel in
     interpret mode here) through the whole engine, with chunked prefill and prefix hits."""
