@@ -29,7 +29,7 @@ from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.hugepages import advise_huge_pages
 from nanovllm_jax.layers.sampler import SampleOutput, sample
 from nanovllm_jax.loader import DTYPES, load_model
-from nanovllm_jax.runner import StepBatch, StepOutput
+from nanovllm_jax.runner import SamplingBatch, StepBatch, StepOutput
 from nanovllm_jax.step_packing import SeqLayout, StepLayout
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,25 @@ def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust:
 
     out = sample(logits, inputs.sampling, context, adjust)
     return out._replace(token_ids=jnp.pad(out.token_ids, (0, max_seqs - layout.seqs)))
+
+
+def _warm_step(block_size: int, max_blocks_per_seq: int, num_slots: int, plain: bool) -> StepBatch:
+    """A one-token step that changes nothing: its K/V write goes out of range (dropped; a negative
+    slot would wrap around) and its context, whatever
+    block 0 holds, spans a few attention chunks, so the context loops run. `plain`: temperature
+    sampling only; otherwise every sampling feature is on (the sampler's other branches)."""
+    context = 4 * block_size
+    one = lambda value, dtype=np.int32: np.full(1, value, dtype)  # noqa: E731
+    f32 = partial(one, dtype=np.float32)
+    sampling = SamplingBatch(
+        temperature=f32(1.0), top_k=one(0 if plain else 5), top_p=f32(1.0 if plain else 0.9),
+        min_p=f32(0.0 if plain else 0.01), seeds=one(0, np.uint32), repetition_penalty=f32(1.0 if plain else 1.1),
+        presence_penalty=f32(0.0), frequency_penalty=f32(0.0 if plain else 0.1), prompt_lens=one(1),
+        banned_token_ids=one(-1 if plain else 0).reshape(1, 1), num_logprobs=0 if plain else 1)
+    return StepBatch(input_ids=one(0), prev_rows=one(-1), positions=one(context - 1), slot_mapping=one(num_slots),
+                     query_start=np.array([0, 1], np.int32), context_lens=one(context),
+                     block_tables=np.zeros((1, max_blocks_per_seq), np.int32), logits_indices=one(0),
+                     needs_sample=np.ones(1, bool), sampling=sampling)
 
 
 class _Pending:
@@ -192,6 +211,7 @@ class JaxRunner:
         for tokens, _ in self.buckets:
             for adjust in (False, True):
                 self._programs(tokens, MIN_BANNED_COLUMNS, adjust)
+        self._run_each_program_once()
         self.warmup_seconds = time.perf_counter() - start
         log.info("jax runner: %d forward + %d sampler programs compiled in %.1fs",
                  len(self._forward_programs), len(self._sample_programs), self.warmup_seconds)
@@ -255,6 +275,26 @@ class JaxRunner:
             lowered = self._sample_jit.lower(logits, self.token_cache, section, layout=layout.seq, adjust=adjust)
             self._sample_programs[layout.seq, adjust] = lowered.compile()
         return layout, forward, self._sample_programs[layout.seq, adjust]
+
+    def _run_each_program_once(self) -> None:
+        """A program's first run pays one-time costs (on XLA:CPU its kernels are linked on first use:
+        ~0.2 s per program, more for loop bodies and branches first taken later), which would
+        otherwise land on the first requests. Pay them here, on steps that change nothing."""
+        bs, width = self.block_size, self.config.max_blocks_per_seq
+        steps = {plain: _warm_step(bs, width, self.num_slots, plain) for plain in (True, False)}
+        ran, outputs = set(), []
+        for layout, forward in self._forward_programs.values():
+            packed = {plain: jax.device_put(layout.pack(step)) for plain, step in steps.items()}
+            logits, section, self.k_cache, self.v_cache, self.token_cache = forward(
+                self.params, self.k_cache, self.v_cache, self.token_cache, self._no_tokens, packed[True])
+            for adjust in (False, True):
+                if (layout.seq, adjust) in ran or (layout.seq, adjust) not in self._sample_programs:
+                    continue
+                ran.add((layout.seq, adjust))
+                for plain in (True, False):
+                    section = packed[plain][: layout.seq.size]
+                    outputs.append(self._sample_programs[layout.seq, adjust](logits, self.token_cache, section))
+        jax.block_until_ready((outputs, self.token_cache))
 
     # ---- the step -------------------------------------------------------------------------
 

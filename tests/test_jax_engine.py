@@ -210,6 +210,18 @@ def test_a_steps_sampler_is_dispatched_when_its_tokens_are_needed(model_dirs, xl
     assert events == ["forward", "sampler", "forward", "result", "sampler", "forward", "result", "result", "sampler"]
 
 
+def test_warm_up_runs_every_program_without_touching_the_caches(model_dirs, xla_cache):
+    """Warm-up runs each compiled program once (first runs pay one-time costs) on steps whose writes
+    are all dropped: the caches are still empty afterwards."""
+    llm = LLM(str(model_dirs["llama3"]), backend="jax", compilation_cache_dir=xla_cache, max_num_seqs=4,
+              max_num_batched_tokens=16)
+    runner = llm.engine.runner
+    for cache in (runner.k_cache, runner.v_cache, runner.token_cache):
+        assert not np.asarray(cache).any()
+    assert llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].token_ids == \
+        reference_greedy(load_reference(model_dirs["llama3"]), [5, 6, 7], NEW_TOKENS)
+
+
 def test_gpu_tiling_and_context_kernel_match_transformers(model_dirs, xla_cache, prompts, monkeypatch):
     """The GPU's attention tiling (wide blocks, 16-token smallest bucket, the Pallas context kernel in
     interpret mode here) through the whole engine, with chunked prefill and prefix hits."""
