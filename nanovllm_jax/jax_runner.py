@@ -111,13 +111,17 @@ def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust:
 
 
 def _warm_step(block_size: int, max_blocks_per_seq: int, num_slots: int, plain: bool) -> StepBatch:
-    """A one-token step that changes nothing: its K/V write goes out of range (dropped; a negative
-    slot would wrap around) and its context, whatever
-    block 0 holds, spans a few attention chunks, so the context loops run. `plain`: temperature
-    sampling only; otherwise every sampling feature is on (the sampler's other branches)."""
+    """A one-token step that changes nothing: its K/V write goes out of range and is dropped (a
+    negative slot would wrap around), and its context, whatever block 0 holds, spans a few attention
+    chunks, so the context loops run. `plain`: temperature sampling only; otherwise every sampling
+    feature is on (the sampler's other branches)."""
+    def one(value, dtype=np.int32) -> np.ndarray:
+        return np.full(1, value, dtype)
+
+    def f32(value) -> np.ndarray:
+        return one(value, np.float32)
+
     context = 4 * block_size
-    one = lambda value, dtype=np.int32: np.full(1, value, dtype)  # noqa: E731
-    f32 = partial(one, dtype=np.float32)
     sampling = SamplingBatch(
         temperature=f32(1.0), top_k=one(0 if plain else 5), top_p=f32(1.0 if plain else 0.9),
         min_p=f32(0.0 if plain else 0.01), seeds=one(0, np.uint32), repetition_penalty=f32(1.0 if plain else 1.1),
@@ -281,19 +285,17 @@ class JaxRunner:
         ~0.2 s per program, more for loop bodies and branches first taken later), which would
         otherwise land on the first requests. Pay them here, on steps that change nothing."""
         bs, width = self.block_size, self.config.max_blocks_per_seq
-        steps = {plain: _warm_step(bs, width, self.num_slots, plain) for plain in (True, False)}
+        steps = [_warm_step(bs, width, self.num_slots, plain) for plain in (True, False)]
         ran, outputs = set(), []
         for layout, forward in self._forward_programs.values():
-            packed = {plain: jax.device_put(layout.pack(step)) for plain, step in steps.items()}
-            logits, section, self.k_cache, self.v_cache, self.token_cache = forward(
-                self.params, self.k_cache, self.v_cache, self.token_cache, self._no_tokens, packed[True])
-            for adjust in (False, True):
-                if (layout.seq, adjust) in ran or (layout.seq, adjust) not in self._sample_programs:
-                    continue
-                ran.add((layout.seq, adjust))
-                for plain in (True, False):
-                    section = packed[plain][: layout.seq.size]
-                    outputs.append(self._sample_programs[layout.seq, adjust](logits, self.token_cache, section))
+            packed = [layout.pack(step) for step in steps]
+            logits, _, self.k_cache, self.v_cache, self.token_cache = forward(
+                self.params, self.k_cache, self.v_cache, self.token_cache, self._no_tokens, jax.device_put(packed[0]))
+            for key in ((layout.seq, False), (layout.seq, True)):
+                if key not in ran:
+                    ran.add(key)
+                    sampler = self._sample_programs[key]
+                    outputs += [sampler(logits, self.token_cache, jax.device_put(p[: layout.seq.size])) for p in packed]
         jax.block_until_ready((outputs, self.token_cache))
 
     # ---- the step -------------------------------------------------------------------------
@@ -315,6 +317,6 @@ class JaxRunner:
         logits, section, self.k_cache, self.v_cache, self.token_cache = forward(
             self.params, self.k_cache, self.v_cache, self.token_cache, prev_tokens, packed
         )
-        # the sampler reads this step's token cache before the next forward, which donates it, runs
+        # dispatched before the next forward, which donates the token cache the sampler reads
         self._last_step = _Pending(partial(sampler, logits, self.token_cache, section), batch.num_seqs, sp.num_logprobs)
         return self._last_step
