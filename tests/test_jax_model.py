@@ -201,6 +201,33 @@ def test_context_kernel_lowers_to_triton(row_gather, monkeypatch):
     assert exported.mlir_module().count("xla.gpu.triton") == 1
 
 
+def test_gpu_decode_forward_has_no_control_flow_but_the_layer_scan(monkeypatch):
+    """On GPU every lax.cond, and every loop whose trip count depends on data, makes the dispatching
+    thread wait for the device (XLA copies the predicate back). A decode step's forward must have
+    neither, so the host schedules the next step while the device runs this one; lowered for cuda here."""
+    import re
+    from functools import partial
+
+    from jax import export
+    from nanovllm_jax.jax_runner import _forward_step
+    from nanovllm_jax.models import llama
+    from nanovllm_jax.random_models import RANDOM_CONFIGS
+    from nanovllm_jax.step_packing import SeqLayout, StepLayout
+
+    monkeypatch.setattr(context_kernel.jax, "default_backend", lambda: "gpu")
+    mc = llama.parse_config(dict(RANDOM_CONFIGS["qwen3-0.6b"], num_hidden_layers=2))
+    params = jax.eval_shape(lambda: llama.random_params(mc, dtype="bfloat16", stacked=True))
+    slots, tokens = 1 << 16, 256
+    layout = StepLayout(tokens, SeqLayout(tokens, 128, 1, 16), 8, slots, 256, 512, context_kernel=True)
+    cache = jax.ShapeDtypeStruct((2, mc.num_kv_heads, slots, mc.head_dim), jnp.bfloat16)
+    ints = [jax.ShapeDtypeStruct((n,), jnp.int32) for n in (slots, tokens, layout.size)]
+    step = jax.jit(partial(_forward_step, forward=llama.forward, model_config=mc, layout=layout))
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    text = export.export(step, platforms=["cuda"], disabled_checks=[triton])(params, cache, cache, *ints).mlir_module()
+    count = {op: len(re.findall(rf"stablehlo\.{op}\b", text)) for op in ("while", "if", "case")}
+    assert count == {"while": 1, "if": 0, "case": 0}  # the while: lax.scan over layers (a static trip count)
+
+
 def test_loader_errors_name_the_problem(model_dirs, tmp_path):
     src = model_dirs["qwen2"]
 
