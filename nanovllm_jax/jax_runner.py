@@ -1,8 +1,9 @@
 """The native JAX backend: loads an HF model, owns the paged KV cache, runs one jitted step per call.
 
 Per step: pad the StepBatch to its (tokens, sequences) bucket and pack it into one int32 array
-(one host->device transfer), run the program compiled for that bucket at start-up (forward + on-device
-sampling; the caches are donated and updated in place) without waiting for it, and hand back a
+(one host->device transfer), run the programs compiled (and run once) for that bucket at start-up
+(forward + on-device sampling; the caches are donated and updated in place) without waiting for
+them, and hand back a
 pending output that reads the sampled tokens (and logprobs when asked). Inputs sampled by the
 step before are taken from its tokens on the device, so steps queue back to back; a step's sampler
 is dispatched only when the next step or the reader needs its tokens (see _Pending). Nothing
