@@ -3,12 +3,11 @@
 Per step: pad the StepBatch to its (tokens, sequences) bucket and pack it into one int32 array
 (one host->device transfer), run the programs compiled (and run once) for that bucket at start-up
 (forward + on-device sampling; the caches are donated and updated in place) without waiting for
-them, and hand back a
-pending output that reads the sampled tokens (and logprobs when asked). Inputs sampled by the
-step before are taken from its tokens on the device, so steps queue back to back; a step's sampler
-is dispatched only when the next step or the reader needs its tokens (see _Pending). Nothing
-compiles after warm-up: calling an ahead-of-time compiled program with any other shape raises
-instead of silently recompiling.
+them, and hand back a pending output that reads the sampled tokens (and logprobs when asked).
+Inputs sampled by the step before are taken from its tokens on the device, so steps queue back to
+back; a step's sampler is dispatched only when the next step or the reader needs its tokens (see
+_Pending). Nothing compiles after warm-up: calling an ahead-of-time compiled program with any other
+shape raises instead of silently recompiling.
 """
 from __future__ import annotations
 
