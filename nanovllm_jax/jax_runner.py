@@ -82,6 +82,30 @@ def enable_compilation_cache(cache_dir: str | None) -> str:
     return jax.config.jax_compilation_cache_dir
 
 
+def _max_map_count() -> int | None:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_map_headroom(needed: int) -> None:
+    """XLA:CPU maps each compiled kernel's code and data separately (an unrolled forward program of
+    an 18-layer model: ~850 mappings; the default model's 22 programs: ~10k). Past Linux's
+    vm.max_map_count its JIT cannot allocate, and the error it raises crashes the process while
+    unwinding; fail before compiling instead."""
+    limit = _max_map_count()
+    if limit is None:
+        return
+    with open("/proc/self/maps") as maps:
+        used = sum(1 for _ in maps)
+    if used + needed > limit:
+        raise RuntimeError(
+            f"this process holds {used} memory mappings of the {limit} Linux allows (vm.max_map_count), and "
+            f"compiling the next step program on CPU needs about {needed} more (XLA:CPU maps each kernel "
+            "apart): release other engines first (del llm), or raise vm.max_map_count")
+
+
 def _forward_step(params, k_cache, v_cache, token_cache, prev_tokens, packed, *, layout: StepLayout, forward,
                   model_config):
     """Write this step's tokens and K/V, return logits for each sequence row (and the packed
@@ -266,7 +290,7 @@ class JaxRunner:
             try:
                 lowered = self._forward_jit.lower(self.params, self.k_cache, self.v_cache, self.token_cache,
                                                   self._no_tokens, packed, layout=layout)
-                self._forward_programs[key] = (layout, lowered.compile())
+                self._forward_programs[key] = (layout, self._compile(lowered))
             except Exception as e:
                 if not layout.context_kernel:
                     raise
@@ -277,8 +301,13 @@ class JaxRunner:
             logits = jax.ShapeDtypeStruct((layout.seq.seqs, self.vocab_size), jnp.float32)
             section = jax.ShapeDtypeStruct((layout.seq.size,), jnp.int32)
             lowered = self._sample_jit.lower(logits, self.token_cache, section, layout=layout.seq, adjust=adjust)
-            self._sample_programs[layout.seq, adjust] = lowered.compile()
+            self._sample_programs[layout.seq, adjust] = self._compile(lowered)
         return layout, forward, self._sample_programs[layout.seq, adjust]
+
+    def _compile(self, lowered):
+        if self.platform == "cpu":  # ~850 mappings for an 18-layer forward program
+            _check_map_headroom(100 * self.model_config.num_layers + 1000)
+        return lowered.compile()
 
     def _run_each_program_once(self) -> None:
         """A program's first run pays one-time costs (on XLA:CPU its kernels are linked on first use:

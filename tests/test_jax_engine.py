@@ -1,6 +1,9 @@
 """The JAX backend through the engine, `LLM(model_dir, backend="jax")`, against transformers."""
 from __future__ import annotations
 
+import gc
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -32,6 +35,15 @@ def xla_cache(tmp_path_factory):
 
 
 _engines: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_engines():
+    """Each CPU engine holds thousands of memory mappings (XLA:CPU maps every kernel apart); free
+    this module's before later modules build theirs."""
+    yield
+    _engines.clear()
+    gc.collect()
 
 
 def engine(model_dirs, xla_cache, name: str, setting: str) -> LLM:
@@ -220,6 +232,20 @@ def test_warm_up_runs_every_program_without_touching_the_caches(model_dirs, xla_
         assert not np.asarray(cache).any()
     assert llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].token_ids == \
         reference_greedy(load_reference(model_dirs["llama3"]), [5, 6, 7], NEW_TOKENS)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux's memory-mapping limit")
+def test_too_few_memory_mappings_left_is_a_clear_error(model_dirs, xla_cache, monkeypatch):
+    """Past vm.max_map_count XLA:CPU's JIT fails to allocate and the process crashes: the runner
+    refuses to compile instead, and says why."""
+    from nanovllm_jax import jax_runner
+
+    with open("/proc/self/maps") as maps:
+        used = sum(1 for _ in maps)
+    monkeypatch.setattr(jax_runner, "_max_map_count", lambda: used + 100)
+    with pytest.raises(RuntimeError, match="vm.max_map_count"):
+        LLM(str(model_dirs["llama3"]), backend="jax", compilation_cache_dir=xla_cache, max_num_seqs=4,
+            max_num_batched_tokens=16)
 
 
 def test_gpu_tiling_and_context_kernel_match_transformers(model_dirs, xla_cache, prompts, monkeypatch):
