@@ -47,7 +47,7 @@ def release_engines():
 
 
 def engine(model_dirs, xla_cache, name: str, setting: str) -> LLM:
-    """One LLM per (model, setting) for the whole session."""
+    """One LLM per (model, setting), kept until this module's tests end."""
     key = (name, setting)
     if key not in _engines:
         kwargs = BASE | SETTINGS[setting]
