@@ -145,7 +145,7 @@ def _warm_step(block_size: int, max_blocks_per_seq: int, num_slots: int, plain: 
     def f32(value) -> np.ndarray:
         return one(value, np.float32)
 
-    context = 4 * block_size
+    context = block_size * min(4, max_blocks_per_seq)  # within the block table
     sampling = SamplingBatch(
         temperature=f32(1.0), top_k=one(0 if plain else 5), top_p=f32(1.0 if plain else 0.9),
         min_p=f32(0.0 if plain else 0.01), seeds=one(0, np.uint32), repetition_penalty=f32(1.0 if plain else 1.1),
