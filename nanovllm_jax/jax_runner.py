@@ -82,11 +82,8 @@ def enable_compilation_cache(cache_dir: str | None) -> str:
     return jax.config.jax_compilation_cache_dir
 
 
-def _max_map_count() -> int | None:
-    try:
-        return int(Path("/proc/sys/vm/max_map_count").read_text())
-    except (OSError, ValueError):
-        return None
+def _max_map_count() -> int:
+    return int(Path("/proc/sys/vm/max_map_count").read_text())
 
 
 def _check_map_headroom(needed: int) -> None:
@@ -94,11 +91,12 @@ def _check_map_headroom(needed: int) -> None:
     an 18-layer model: ~850 mappings; the default model's 22 programs: ~10k). Past Linux's
     vm.max_map_count its JIT cannot allocate, and the error it raises crashes the process while
     unwinding; fail before compiling instead."""
-    limit = _max_map_count()
-    if limit is None:
+    try:
+        limit = _max_map_count()
+        with open("/proc/self/maps") as maps:
+            used = sum(1 for _ in maps)
+    except (OSError, ValueError):  # not Linux
         return
-    with open("/proc/self/maps") as maps:
-        used = sum(1 for _ in maps)
     if used + needed > limit:
         raise RuntimeError(
             f"this process holds {used} memory mappings of the {limit} Linux allows (vm.max_map_count), and "
