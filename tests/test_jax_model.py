@@ -182,23 +182,31 @@ def test_context_kernel_variants_agree(window):
         np.testing.assert_allclose(out, one, rtol=1e-5, atol=1e-6)
 
 
+def _cuda_mlir(monkeypatch, fn, *args) -> str:
+    """fn lowered for CUDA as a GPU build would (the Pallas kernel through Triton, not interpreted),
+    on this machine: the StableHLO text."""
+    from jax import export
+
+    monkeypatch.setattr(context_kernel.jax, "default_backend", lambda: "gpu")
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
+
+
 @pytest.mark.parametrize("row_gather", [False, True])
 def test_context_kernel_lowers_to_triton(row_gather, monkeypatch):
     """The kernel as a GPU build would lower it (Pallas -> Triton IR), without a GPU: an op Triton
     lowering lacks fails here rather than on a lent machine."""
-    from jax import export
-
     t, kv, g, d, bs, width = 64, 8, 2, 128, 16, 128
     meta = AttentionMetadata(jnp.zeros(t, jnp.int32), jnp.arange(t, dtype=jnp.int32), jnp.zeros(t, jnp.int32),
                              jnp.zeros((t, width), jnp.int32), block_size=bs, pages_per_chunk=8, context_kernel=True)
-    monkeypatch.setattr(context_kernel.jax, "default_backend", lambda: "gpu")  # no interpret mode
-    fn = jax.jit(lambda q, k, v: context_attention(q, k, v, 1, meta, scale=0.1, sliding_window=64, softcap=30.0,
-                                                   tuning=KernelTuning(row_gather=row_gather)))
+
+    def fn(q, k, v):
+        return context_attention(q, k, v, 1, meta, scale=0.1, sliding_window=64, softcap=30.0,
+                                 tuning=KernelTuning(row_gather=row_gather))
+
     cache = jax.ShapeDtypeStruct((2, kv, t * width * bs, d), jnp.bfloat16)
-    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    exported = export.export(fn, platforms=["cuda"], disabled_checks=[triton])(
-        jax.ShapeDtypeStruct((kv, t, g, d), jnp.bfloat16), cache, cache)
-    assert exported.mlir_module().count("xla.gpu.triton") == 1
+    text = _cuda_mlir(monkeypatch, fn, jax.ShapeDtypeStruct((kv, t, g, d), jnp.bfloat16), cache, cache)
+    assert text.count("xla.gpu.triton") == 1
 
 
 def test_gpu_decode_forward_has_no_control_flow_but_the_layer_scan(monkeypatch):
@@ -208,22 +216,19 @@ def test_gpu_decode_forward_has_no_control_flow_but_the_layer_scan(monkeypatch):
     import re
     from functools import partial
 
-    from jax import export
     from nanovllm_jax.jax_runner import _forward_step
     from nanovllm_jax.models import llama
     from nanovllm_jax.random_models import RANDOM_CONFIGS
     from nanovllm_jax.step_packing import SeqLayout, StepLayout
 
-    monkeypatch.setattr(context_kernel.jax, "default_backend", lambda: "gpu")
     mc = llama.parse_config(dict(RANDOM_CONFIGS["qwen3-0.6b"], num_hidden_layers=2))
     params = jax.eval_shape(lambda: llama.random_params(mc, dtype="bfloat16", stacked=True))
     slots, tokens = 1 << 16, 256
     layout = StepLayout(tokens, SeqLayout(tokens, 128, 1, 16), 8, slots, 256, 512, context_kernel=True)
     cache = jax.ShapeDtypeStruct((2, mc.num_kv_heads, slots, mc.head_dim), jnp.bfloat16)
     ints = [jax.ShapeDtypeStruct((n,), jnp.int32) for n in (slots, tokens, layout.size)]
-    step = jax.jit(partial(_forward_step, forward=llama.forward, model_config=mc, layout=layout))
-    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    text = export.export(step, platforms=["cuda"], disabled_checks=[triton])(params, cache, cache, *ints).mlir_module()
+    step = partial(_forward_step, forward=llama.forward, model_config=mc, layout=layout)
+    text = _cuda_mlir(monkeypatch, step, params, cache, cache, *ints)
     count = {op: len(re.findall(rf"stablehlo\.{op}\b", text)) for op in ("while", "if", "case")}
     assert count == {"while": 1, "if": 0, "case": 0}  # the while: lax.scan over layers (a static trip count)
 
