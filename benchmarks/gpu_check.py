@@ -1,6 +1,6 @@
 """GPU checks for a lent device machine (one call; see benchmarks/gpu_run.sh).
 
-1. `kernel`: paged attention with the Pallas context kernel against the pure-JAX walk on a
+1. `kernel`: paged attention with the Pallas kernel against the pure-JAX walk on a
    Qwen3-0.6B-shaped decode step (256 sequences, contexts 100-2047, scattered pages, layer 1 of 2):
    relative error in f32 (highest precision) and bf16, and the time of each.
 2. `parity`: greedy tokens of the engine on the GPU (f32, both attention paths) against
@@ -34,16 +34,22 @@ def scattered_contexts(rng: np.random.Generator, seqs: int, min_len: int, max_le
 
 def kernel_check(dtype: str, seqs: int = 256, kv: int = 8, heads: int = 16, d: int = 128, bs: int = 16) -> None:
     from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
+    from nanovllm_jax.layers.attention_kernel import pack_query_tiles, query_tile
 
     rng = np.random.default_rng(0)
     lens, tables, k_cache, v_cache = scattered_contexts(rng, seqs, 100, 2048, kv, d, bs, dtype)
     q = jnp.asarray(rng.standard_normal((seqs, heads, d), np.float32), dtype)
     k_new, v_new = (jnp.asarray(rng.standard_normal((seqs, kv, d), np.float32), dtype) for _ in "kv")
+    slots = tables[np.arange(seqs), lens // bs] * bs + lens % bs  # the new tokens' K/V, written as the model does
+    k_cache, v_cache = k_cache.at[1, :, slots].set(k_new), v_cache.at[1, :, slots].set(v_new)
+    tile = query_tile(seqs, seqs, heads // kv)
+    tiles = jnp.asarray(pack_query_tiles(np.arange(seqs + 1), seqs, seqs, tile))
 
     def run(kernel: bool):
         meta = AttentionMetadata(jnp.asarray(lens, jnp.int32), jnp.arange(seqs, dtype=jnp.int32),
                                  jnp.asarray(lens, jnp.int32), jnp.asarray(tables), block_size=bs, pages_per_chunk=8,
-                                 token_block=256, new_block=512, context_kernel=kernel)  # the GPU's tiling
+                                 token_block=256, new_block=512,  # the GPU's tiling
+                                 **(dict(query_tile=tile, query_tiles=tiles) if kernel else {}))
         fn = jax.jit(lambda *a: paged_attention(*a, meta, scale=d ** -0.5, layer=jnp.int32(1)))
         args = (q, k_new, v_new, k_cache, v_cache)
         out = fn(*args).block_until_ready()

@@ -1,4 +1,4 @@
-"""Launch settings of the Pallas context kernel on a lent GPU: time each KernelTuning on decode steps
+"""Launch settings of the Pallas attention kernel on a lent GPU: time each KernelTuning on decode steps
 of 256 and 32 sequences (Qwen3-0.6B heads, bf16, contexts 100-2047 on scattered pages), check the
 fastest against the pure-JAX walk (gpu_check.kernel_check), then run nano-vllm's workload with it.
 
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax import bench
-from nanovllm_jax.layers import context_kernel
+from nanovllm_jax.layers import attention_kernel
 from nanovllm_jax.layers.attention import AttentionMetadata
-from nanovllm_jax.layers.context_kernel import KernelTuning, context_attention
+from nanovllm_jax.layers.attention_kernel import KernelTuning, pack_query_tiles, paged_attention_kernel, query_tile
 
 from gpu_check import kernel_check, scattered_contexts  # beside this script
 
@@ -31,22 +31,24 @@ def decode_inputs(seqs: int, kv: int = 8, g: int = 2, d: int = 128, bs: int = 16
     rng = np.random.default_rng(0)
     max_len = 2048 if GPU else 256
     lens, tables, k_cache, v_cache = scattered_contexts(rng, seqs, max_len // 20, max_len, kv, d, bs, dtype)
-    qg = jnp.asarray(rng.standard_normal((kv, seqs, g, d), np.float32), dtype)
-    meta = AttentionMetadata(jnp.asarray(lens, jnp.int32), jnp.arange(seqs, dtype=jnp.int32),
+    q = jnp.asarray(rng.standard_normal((seqs, kv * g, d), np.float32), dtype)
+    tile = query_tile(seqs, seqs, g)
+    meta = AttentionMetadata(jnp.asarray(lens - 1, jnp.int32), jnp.arange(seqs, dtype=jnp.int32),
                              jnp.asarray(lens - 1, jnp.int32), jnp.asarray(tables), block_size=bs, pages_per_chunk=16,
-                             token_block=256, new_block=512, context_kernel=True)
+                             query_tile=tile, query_tiles=jnp.asarray(pack_query_tiles(np.arange(seqs + 1), seqs, seqs,
+                                                                                       tile)))
     read_gb = 2 * float(lens.sum()) * kv * d * jnp.dtype(dtype).itemsize / 1e9
-    return (qg, k_cache, v_cache, meta), read_gb
+    return (q, k_cache, v_cache, meta), read_gb
 
 
 def time_ms(tuning: KernelTuning, inputs) -> float:
-    qg, k_cache, v_cache, meta = inputs
-    fn = jax.jit(lambda q, k, v: context_attention(q, k, v, 1, meta, scale=0.1, sliding_window=None, softcap=None,
-                                                   tuning=tuning))
-    jax.block_until_ready(fn(qg, k_cache, v_cache))
+    q, k_cache, v_cache, meta = inputs
+    fn = jax.jit(lambda q, k, v: paged_attention_kernel(q, k, v, 1, meta, scale=0.1, sliding_window=None, softcap=None,
+                                                        tuning=tuning))
+    jax.block_until_ready(fn(q, k_cache, v_cache))
     start = time.perf_counter()
     for _ in range(20):
-        out = fn(qg, k_cache, v_cache)
+        out = fn(q, k_cache, v_cache)
     jax.block_until_ready(out)
     return (time.perf_counter() - start) / 20 * 1e3
 
@@ -94,7 +96,7 @@ if __name__ == "__main__":
     best = fastest(results)
     print("fastest:", best, flush=True)
     (out / "kernel_sweep.json").write_text(json.dumps(dict(results=results, fastest=best), indent=1))
-    context_kernel.TUNING = KernelTuning(**best["tuning"])
+    attention_kernel.TUNING = KernelTuning(**best["tuning"])
     jax.config.update("jax_default_matmul_precision", "highest")
     kernel_check("float32", seqs=64 if GPU else 2)
     jax.config.update("jax_default_matmul_precision", None)

@@ -27,6 +27,7 @@ import numpy as np
 from nanovllm_jax.buckets import bucket_for, buckets, step_buckets
 from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.hugepages import advise_huge_pages
+from nanovllm_jax.layers.attention_kernel import query_tile
 from nanovllm_jax.layers.sampler import SampleOutput, sample
 from nanovllm_jax.loader import DTYPES, load_model
 from nanovllm_jax.runner import SamplingBatch, StepBatch, StepOutput
@@ -46,29 +47,29 @@ class Tiling:
     new_block: int  # query block of the attention among the step's own tokens
     chunk_budget: int  # token_block * context tokens read per iteration
     max_chunk_tokens: int
-    context_kernel: bool  # the cached context through the Pallas kernel
+    kernel: bool  # attention through the Pallas kernel
     smallest_bucket: int
 
 
 TILINGS = {
     # XLA:CPU: blocks whose gathered chunk stays in cache (a 32-token decode ran 4x faster with
     # 16-token chunks than with 256).
-    "cpu": Tiling(16, 32, 512, 128, context_kernel=False, smallest_bucket=1),
+    "cpu": Tiling(16, 32, 512, 128, kernel=False, smallest_bucket=1),
     # Accelerators: few, wide loop iterations (each costs kernel launches); padding small steps is cheap.
-    "gpu": Tiling(256, 512, 1 << 17, 128, context_kernel=True, smallest_bucket=16),
-    "tpu": Tiling(256, 512, 1 << 17, 1024, context_kernel=False, smallest_bucket=16),
+    "gpu": Tiling(256, 512, 1 << 17, 128, kernel=True, smallest_bucket=16),
+    "tpu": Tiling(256, 512, 1 << 17, 1024, kernel=False, smallest_bucket=16),
 }
 
 
 def tiling_for(platform: str) -> Tiling:
-    """The platform's tiling; NANOVLLM_JAX_ATTENTION=xla|pallas picks the GPU context path."""
+    """The platform's tiling; NANOVLLM_JAX_ATTENTION=xla|pallas picks the GPU attention path."""
     tiling = TILINGS.get(platform, TILINGS["tpu"])
     choice = os.environ.get("NANOVLLM_JAX_ATTENTION", "")
     if choice not in ("", "xla", "pallas"):
         raise ValueError(f"NANOVLLM_JAX_ATTENTION must be 'xla' or 'pallas', got {choice!r}")
     if choice == "pallas" and platform != "gpu":
         raise ValueError(f"NANOVLLM_JAX_ATTENTION=pallas needs a GPU (the platform is {platform})")
-    return replace(tiling, context_kernel=choice == "pallas") if choice else tiling
+    return replace(tiling, kernel=choice == "pallas") if choice else tiling
 
 
 def enable_compilation_cache(cache_dir: str | None) -> str:
@@ -275,8 +276,9 @@ class JaxRunner:
         pages = min(self.max_pages_per_chunk, max(1, tiling.chunk_budget // token_block // self.block_size))
         pages = 1 << (pages.bit_length() - 1)  # a power of two, so it divides table_width
         seq = SeqLayout(self._seq_bucket[tokens], self.table_width, banned, self.block_size)
-        return StepLayout(tokens, seq, pages, self.num_slots, token_block, math.gcd(tokens, tiling.new_block),
-                          tiling.context_kernel)
+        mc = self.model_config
+        tile = query_tile(tokens, seq.seqs, mc.num_heads // mc.num_kv_heads) if tiling.kernel else 0
+        return StepLayout(tokens, seq, pages, self.num_slots, token_block, math.gcd(tokens, tiling.new_block), tile)
 
     def _programs(self, tokens: int, banned: int, adjust: bool):
         """(layout, forward program, sampler program) for a bucket, compiled ahead of time once.
@@ -290,9 +292,9 @@ class JaxRunner:
                                                   self._no_tokens, packed, layout=layout)
                 self._forward_programs[key] = (layout, self._compile(lowered))
             except Exception as e:
-                if not layout.context_kernel:
+                if not layout.query_tile:
                     raise
-                raise RuntimeError(f"the Pallas context-attention kernel failed to build for {tokens}-token steps "
+                raise RuntimeError(f"the Pallas attention kernel failed to build for {tokens}-token steps "
                                    "on this GPU; NANOVLLM_JAX_ATTENTION=xla uses the pure-JAX attention") from e
         layout, forward = self._forward_programs[key]
         if (layout.seq, adjust) not in self._sample_programs:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax.layers.attention import AttentionMetadata
+from nanovllm_jax.layers.attention_kernel import num_tiles, pack_query_tiles
 from nanovllm_jax.layers.sampler import SamplingInputs
 from nanovllm_jax.models import ForwardInputs
 from nanovllm_jax.runner import StepBatch
@@ -119,7 +120,7 @@ class SeqLayout:
 
 @dataclass(frozen=True)
 class StepLayout:
-    """The whole packed step: the SeqLayout section, then per-token fields and the chunk count."""
+    """The whole packed step: the SeqLayout section, then per-token fields (and the kernel's query tiles)."""
 
     tokens: int  # T bucket
     seq: SeqLayout
@@ -127,11 +128,14 @@ class StepLayout:
     num_slots: int  # padding tokens write to this (out-of-range) slot
     token_block: int  # attention tiling: see AttentionMetadata
     new_block: int
-    context_kernel: bool
+    query_tile: int  # > 0: the attention kernel's tokens per tile (AttentionMetadata.query_tile)
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: (self.tokens,) for name in _TOKEN_FIELDS}
+        shapes = {name: (self.tokens,) for name in _TOKEN_FIELDS}
+        if self.query_tile:
+            shapes["query_tiles"] = (num_tiles(self.tokens, self.seq.seqs, self.query_tile), 2)
+        return shapes
 
     @cached_property
     def offsets(self) -> dict[str, int]:
@@ -161,6 +165,8 @@ class StepLayout:
         field("seq_ids")[:] = -1
         field("seq_ids")[:t] = seq_ids
         field("cached_lens")[:t] = cached[seq_ids]
+        if self.query_tile:
+            field("query_tiles")[:] = pack_query_tiles(batch.query_start, self.tokens, self.seq.seqs, self.query_tile)
         return buf
 
     def unpack(self, packed: jax.Array) -> StepInputs:
@@ -180,7 +186,8 @@ class StepLayout:
             pages_per_chunk=self.pages_per_chunk,
             token_block=self.token_block,
             new_block=self.new_block,
-            context_kernel=self.context_kernel,
+            query_tile=self.query_tile,
+            query_tiles=field("query_tiles") if self.query_tile else None,
         )
         logits_indices = _view(seq_section, seq.shapes, seq.offsets, "logits_indices")
         forward = ForwardInputs(field("input_ids"), field("slot_mapping"), logits_indices, attn)

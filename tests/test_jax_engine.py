@@ -248,9 +248,9 @@ def test_too_few_memory_mappings_left_is_a_clear_error(model_dirs, xla_cache, mo
             max_num_batched_tokens=16)
 
 
-def test_gpu_tiling_and_context_kernel_match_transformers(model_dirs, xla_cache, prompts, monkeypatch):
-    """The GPU's attention tiling (wide blocks, 16-token smallest bucket, the Pallas context kernel in
-    interpret mode here) through the whole engine, with chunked prefill and prefix hits."""
+def test_gpu_tiling_and_attention_kernel_match_transformers(model_dirs, xla_cache, prompts, monkeypatch):
+    """The GPU's attention tiling (16-token smallest bucket, the Pallas attention kernel in interpret
+    mode here) through the whole engine, with chunked prefill and prefix hits."""
     from nanovllm_jax import jax_runner
 
     monkeypatch.setitem(jax_runner.TILINGS, "cpu", jax_runner.TILINGS["gpu"])
@@ -270,11 +270,11 @@ def test_step_buckets_start_at_the_platform_smallest():
 
 
 def test_attention_path_choice(monkeypatch):
-    assert not tiling_for("cpu").context_kernel and tiling_for("gpu").context_kernel
+    assert not tiling_for("cpu").kernel and tiling_for("gpu").kernel
     monkeypatch.setenv("NANOVLLM_JAX_ATTENTION", "xla")
-    assert not tiling_for("gpu").context_kernel
+    assert not tiling_for("gpu").kernel
     monkeypatch.setenv("NANOVLLM_JAX_ATTENTION", "pallas")
-    assert tiling_for("gpu").context_kernel
+    assert tiling_for("gpu").kernel
     with pytest.raises(ValueError, match="needs a GPU"):
         tiling_for("cpu")
     monkeypatch.setenv("NANOVLLM_JAX_ATTENTION", "triton")
@@ -290,7 +290,7 @@ def test_a_kernel_that_fails_to_build_names_the_escape_hatch(model_dirs, xla_cac
         raise NotImplementedError("no Triton here")
 
     monkeypatch.setitem(jax_runner.TILINGS, "cpu", jax_runner.TILINGS["gpu"])
-    monkeypatch.setattr(attention, "context_attention", broken)
+    monkeypatch.setattr(attention, "paged_attention_kernel", broken)
     with pytest.raises(RuntimeError, match="NANOVLLM_JAX_ATTENTION=xla"):
         LLM(str(model_dirs["qwen3"]), backend="jax", compilation_cache_dir=xla_cache, max_num_seqs=8,
             max_num_batched_tokens=32)

@@ -11,8 +11,8 @@ import pytest
 
 from hf_models import load_reference, reference_logits, tiny_model_dirs
 from nanovllm_jax.layers.attention import AttentionMetadata, paged_attention
-from nanovllm_jax.layers import context_kernel
-from nanovllm_jax.layers.context_kernel import KernelTuning, context_attention
+from nanovllm_jax.layers import attention_kernel
+from nanovllm_jax.layers.attention_kernel import KernelTuning, pack_query_tiles, paged_attention_kernel, query_tile
 from nanovllm_jax.loader import load_model
 from nanovllm_jax.models import ForwardInputs
 
@@ -29,8 +29,8 @@ def model_dirs(tmp_path_factory):
 class PagedModel:
     """Drives a model's forward directly: sequence i owns blocks [i * BLOCKS_PER_SEQ, ...)."""
 
-    def __init__(self, model_dir, stacked: bool, num_seqs: int = 3, context_kernel: bool = False):
-        self.context_kernel = context_kernel
+    def __init__(self, model_dir, stacked: bool, num_seqs: int = 3, kernel: bool = False):
+        self.kernel = kernel
         self.module, self.cfg, self.params = load_model(model_dir, "float32", stacked=stacked)
         shape = (self.cfg.num_layers, self.cfg.num_kv_heads, num_seqs * BLOCKS_PER_SEQ * BLOCK, self.cfg.head_dim)
         self.k, self.v = jnp.zeros(shape), jnp.zeros(shape)
@@ -50,10 +50,16 @@ class PagedModel:
             self.lens[seq] += len(tokens)
         tables = np.stack([seq * BLOCKS_PER_SEQ + np.arange(BLOCKS_PER_SEQ) for seq in chunks])
         seq_ids = np.array(seq_ids, np.int32)
+        tiles = {}
+        if self.kernel:  # tiles as the runner sizes them
+            t, s, group = len(ids), len(chunks), self.cfg.num_heads // self.cfg.num_kv_heads
+            query_start = np.cumsum([0] + [len(tokens) for tokens in chunks.values()])
+            tiles = dict(query_tile=query_tile(t, s, group))
+            tiles["query_tiles"] = jnp.asarray(pack_query_tiles(query_start, t, s, tiles["query_tile"]))
         meta = AttentionMetadata(
             positions=jnp.array(pos, jnp.int32), seq_ids=jnp.asarray(seq_ids),
             cached_lens=jnp.array(cached, jnp.int32), block_tables=jnp.asarray(tables[seq_ids], jnp.int32),
-            block_size=BLOCK, pages_per_chunk=PAGES_PER_CHUNK, context_kernel=self.context_kernel,
+            block_size=BLOCK, pages_per_chunk=PAGES_PER_CHUNK, **tiles,
         )
         inputs = ForwardInputs(jnp.array(ids, jnp.int32), jnp.array(slots, jnp.int32),
                                jnp.arange(len(ids), dtype=jnp.int32), meta)
@@ -69,12 +75,12 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("name,stacked,kernel", [("qwen3", True, False), ("qwen2", False, False),
                                                  ("llama3", False, False), ("qwen3", True, True)])
 def test_prefill_chunked_and_decode_logits_match_transformers(model_dirs, name, stacked, kernel):
-    """kernel: the cached context through the Pallas kernel (interpret mode here), under lax.scan as on GPU."""
+    """kernel: attention through the Pallas kernel (interpret mode here), under lax.scan as on GPU."""
     ref = load_reference(model_dirs[name])
     rng = np.random.default_rng(1)
     seqs = [rng.integers(2, 1024, size=n).tolist() for n in (40, 23, 30)]
     expected = [reference_logits(ref, s) for s in seqs]
-    model = PagedModel(model_dirs[name], stacked, context_kernel=kernel)
+    model = PagedModel(model_dirs[name], stacked, kernel=kernel)
     got = {0: [], 1: [], 2: []}
     # fresh prefills of two sequences; a chunk with a cached prefix beside a fresh prefill; a
     # one-token chunk; then decode steps of all three together (T == S).
@@ -122,7 +128,7 @@ def naive_attention(q, k, v, seq_ids, pos, scale, window=None, softcap=None):
     dict(),  # the CPU defaults
     dict(new_block=4),  # the step's own tokens span several query/key blocks
     dict(token_block=256, new_block=512),  # the accelerators' wide blocks
-    dict(context_kernel=True),  # the Pallas context kernel (interpret mode here)
+    dict(query_tile=4),  # the Pallas kernel (interpret mode here), tiles of up to 4 tokens
 ], ids=["cpu", "new_block4", "wide", "kernel"])
 def test_paged_attention_matches_dense_reference(window, softcap, lens, new, tiling):
     """Sequences with cached prefixes in scattered blocks of layer 1 (layer 0 holds other data), plus
@@ -146,6 +152,9 @@ def test_paged_attention_matches_dense_reference(window, softcap, lens, new, til
     seq_ids = np.concatenate([seq_of[is_new], [-1] * pad]).astype(np.int32)
     positions = np.concatenate([pos_of[is_new], [0] * pad]).astype(np.int32)
     cached = np.array([lens[s] - new[s] if s >= 0 else 0 for s in seq_ids], np.int32)
+    if "query_tile" in tiling:
+        query_start = np.cumsum([0] + new)
+        tiling = tiling | dict(query_tiles=jnp.asarray(pack_query_tiles(query_start, len(q), len(lens), tiling["query_tile"])))
     meta = AttentionMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(cached),
                              jnp.asarray(tables[np.maximum(seq_ids, 0)], jnp.int32), bs, 2, **tiling)
     out = paged_attention(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_cache),
@@ -153,33 +162,36 @@ def test_paged_attention_matches_dense_reference(window, softcap, lens, new, til
                           softcap=softcap)
     expected = naive_attention(q_all, k_all, v_all, seq_of, pos_of, 0.3, window, softcap)[is_new]
     np.testing.assert_allclose(np.asarray(out)[: is_new.sum()], expected, rtol=1e-5, atol=1e-5)
+    assert np.isfinite(np.asarray(out)).all()  # padding tokens too
 
 
 @pytest.mark.parametrize("window", [None, 9])
-def test_context_kernel_variants_agree(window):
-    """Programs sharing a context (3 splits: uneven shares, some empty) and keys gathered row by row
-    give the state of one program gathering whole pages."""
+def test_attention_kernel_variants_agree(window):
+    """Programs sharing a tile's keys (3 splits: uneven shares, some empty) and keys gathered row by
+    row give the output of one program gathering whole pages; a prefill chunk in one tile or in tiles
+    of one token each, too. GQA 6:2 (3 query heads per kv head, padded to 4 in the kernel)."""
     rng = np.random.default_rng(0)
-    t, kv, g, d, bs, width = 5, 2, 3, 16, 4, 16
-    lens = np.array([0, 3, 17, 40, 63], np.int32)
-    tables = rng.permutation(t * width).reshape(t, width).astype(np.int32)
-    k_cache, v_cache = rng.standard_normal((2, 2, kv, t * width * bs, d)).astype(np.float32)
-    qg = rng.standard_normal((kv, t, g, d)).astype(np.float32)
-    meta = AttentionMetadata(jnp.asarray(lens + 1), jnp.arange(t, dtype=jnp.int32), jnp.asarray(lens),
-                             jnp.asarray(tables), block_size=bs, pages_per_chunk=2, context_kernel=True)
+    kv, h, d, bs, width = 2, 6, 16, 4, 16
+    lens, new = np.array([1, 4, 17, 40, 63]), np.array([1, 4, 1, 8, 1])  # two prefill chunks among decodes
+    t = int(new.sum())
+    seq_ids = np.repeat(np.arange(len(lens)), new).astype(np.int32)
+    positions = np.concatenate([np.arange(n - m, n) for n, m in zip(lens, new)]).astype(np.int32)
+    tables = rng.permutation(len(lens) * width).reshape(len(lens), width).astype(np.int32)
+    k_cache, v_cache = rng.standard_normal((2, 2, kv, len(lens) * width * bs, d)).astype(np.float32)
+    q = jnp.asarray(rng.standard_normal((t, h, d)).astype(np.float32))
 
-    def attend(**tuning):
-        m, l, acc = context_attention(jnp.asarray(qg), jnp.asarray(k_cache), jnp.asarray(v_cache), 1, meta,
-                                      scale=0.3, sliding_window=window, softcap=None,
-                                      tuning=KernelTuning(split_below=1 << 30, **tuning))
-        return np.asarray(acc) / np.maximum(np.asarray(l), 1e-30)[..., None], np.asarray(l) > 0
+    def attend(tile: int, **tuning):
+        query_tiles = pack_query_tiles(np.cumsum([0, *new]), t, len(lens), tile)
+        meta = AttentionMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(positions - positions),
+                                 jnp.asarray(tables[seq_ids]), block_size=bs, pages_per_chunk=2, query_tile=tile,
+                                 query_tiles=jnp.asarray(query_tiles))
+        return np.asarray(paged_attention_kernel(q, jnp.asarray(k_cache), jnp.asarray(v_cache), 1, meta, scale=0.3,
+                                                 sliding_window=window, softcap=None,
+                                                 tuning=KernelTuning(split_below=1 << 30, **tuning)))
 
-    one, seen = attend(splits=1)
-    assert seen.any() and not seen.all()
-    for variant in (dict(splits=3), dict(splits=1, row_gather=True)):
-        out, seen_variant = attend(**variant)
-        np.testing.assert_array_equal(seen_variant, seen)
-        np.testing.assert_allclose(out, one, rtol=1e-5, atol=1e-6)
+    one = attend(8, splits=1)
+    for tile, variant in ((8, dict(splits=3)), (8, dict(splits=1, row_gather=True)), (1, dict(splits=1))):
+        np.testing.assert_allclose(attend(tile, **variant), one, rtol=1e-5, atol=1e-6)
 
 
 def _cuda_mlir(monkeypatch, fn, *args) -> str:
@@ -187,25 +199,28 @@ def _cuda_mlir(monkeypatch, fn, *args) -> str:
     on this machine: the StableHLO text."""
     from jax import export
 
-    monkeypatch.setattr(context_kernel.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention_kernel.jax, "default_backend", lambda: "gpu")
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
 
 
 @pytest.mark.parametrize("row_gather", [False, True])
-def test_context_kernel_lowers_to_triton(row_gather, monkeypatch):
+@pytest.mark.parametrize("heads", [16, 12])  # 2 query heads per kv head; 3, padded to 4
+def test_attention_kernel_lowers_to_triton(row_gather, heads, monkeypatch):
     """The kernel as a GPU build would lower it (Pallas -> Triton IR), without a GPU: an op Triton
     lowering lacks fails here rather than on a lent machine."""
-    t, kv, g, d, bs, width = 64, 8, 2, 128, 16, 128
-    meta = AttentionMetadata(jnp.zeros(t, jnp.int32), jnp.arange(t, dtype=jnp.int32), jnp.zeros(t, jnp.int32),
-                             jnp.zeros((t, width), jnp.int32), block_size=bs, pages_per_chunk=8, context_kernel=True)
+    t, kv, d, bs, width = 512, 4, 128, 16, 128
+    tile = query_tile(t, 64, heads // kv)
+    meta = AttentionMetadata(jnp.zeros(t, jnp.int32), jnp.zeros(t, jnp.int32), jnp.zeros(t, jnp.int32),
+                             jnp.zeros((t, width), jnp.int32), block_size=bs, pages_per_chunk=8, query_tile=tile,
+                             query_tiles=jnp.zeros((t // tile + 64, 2), jnp.int32))
 
     def fn(q, k, v):
-        return context_attention(q, k, v, 1, meta, scale=0.1, sliding_window=64, softcap=30.0,
-                                 tuning=KernelTuning(row_gather=row_gather))
+        return paged_attention_kernel(q, k, v, 1, meta, scale=0.1, sliding_window=64, softcap=30.0,
+                                      tuning=KernelTuning(row_gather=row_gather))
 
     cache = jax.ShapeDtypeStruct((2, kv, t * width * bs, d), jnp.bfloat16)
-    text = _cuda_mlir(monkeypatch, fn, jax.ShapeDtypeStruct((kv, t, g, d), jnp.bfloat16), cache, cache)
+    text = _cuda_mlir(monkeypatch, fn, jax.ShapeDtypeStruct((t, heads, d), jnp.bfloat16), cache, cache)
     assert text.count("xla.gpu.triton") == 1
 
 
@@ -224,7 +239,8 @@ def test_gpu_decode_forward_has_no_control_flow_but_the_layer_scan(monkeypatch):
     mc = llama.parse_config(dict(RANDOM_CONFIGS["qwen3-0.6b"], num_hidden_layers=2))
     params = jax.eval_shape(lambda: llama.random_params(mc, dtype="bfloat16", stacked=True))
     slots, tokens = 1 << 16, 256
-    layout = StepLayout(tokens, SeqLayout(tokens, 128, 1, 16), 8, slots, 256, 512, context_kernel=True)
+    tile = query_tile(tokens, tokens, mc.num_heads // mc.num_kv_heads)
+    layout = StepLayout(tokens, SeqLayout(tokens, 128, 1, 16), 8, slots, 256, 512, query_tile=tile)
     cache = jax.ShapeDtypeStruct((2, mc.num_kv_heads, slots, mc.head_dim), jnp.bfloat16)
     ints = [jax.ShapeDtypeStruct((n,), jnp.int32) for n in (slots, tokens, layout.size)]
     step = partial(_forward_step, forward=llama.forward, model_config=mc, layout=layout)

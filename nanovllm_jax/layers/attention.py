@@ -8,8 +8,9 @@ Every token t of sequence s attends to the positions p <= pos[t] of s. These spl
     a chunk of pages at a time with an online softmax. Tokens go in blocks of `token_block`, each
     visiting only as many chunks as its own longest context needs, so a decode step costs
     O(sum of contexts) and fresh prefill tokens skip the cache, even in a step that mixes both.
-    On GPU a Pallas kernel (context_kernel.py) does this part instead: one program per token and
-    kv head reads its own pages, with no gathered copy.
+On GPU one Pallas kernel (attention_kernel.py) does both at once from the cache, where the model
+has already written this step's K/V: one program per tile of a sequence's new tokens and kv head
+reads its own pages up to its last token, with no gathered copy and no loop outside the kernel.
 Decode is the special case T == S: every token is its own sequence and reads its pages once.
 The cache is the stacked [layers, kv_heads, slots, head_dim] array (slot = block * block_size +
 offset): kv-head-major, so a gathered chunk already has the [kv_head, token, key, dim] layout the
@@ -24,13 +25,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from nanovllm_jax.layers.context_kernel import context_attention
-from nanovllm_jax.layers.online_softmax import MASKED, fold, merge
+from nanovllm_jax.layers.attention_kernel import paged_attention_kernel
+from nanovllm_jax.layers.online_softmax import MASKED, fold
 
 
 @partial(jax.tree_util.register_dataclass,
-         data_fields=["positions", "seq_ids", "cached_lens", "block_tables"],
-         meta_fields=["block_size", "pages_per_chunk", "token_block", "new_block", "context_kernel"])
+         data_fields=["positions", "seq_ids", "cached_lens", "block_tables", "query_tiles"],
+         meta_fields=["block_size", "pages_per_chunk", "token_block", "new_block", "query_tile"])
 @dataclass(frozen=True)
 class AttentionMetadata:
     """Per-token attention inputs; a pytree whose sizes and tiling are static (part of the compiled program)."""
@@ -43,7 +44,8 @@ class AttentionMetadata:
     pages_per_chunk: int  # pages of context read per loop iteration
     token_block: int = 16  # tokens that walk their cached contexts together (a power of two)
     new_block: int = 32  # query (and key) block of the attention among a step's own tokens
-    context_kernel: bool = False  # the cached context through the Pallas kernel (GPU) instead of the walk
+    query_tile: int = 0  # > 0: tokens per query tile of the Pallas kernel (GPU), which then does it all
+    query_tiles: jax.Array | None = None  # i32[tiles, 2]: first token and token count (attention_kernel.py)
 
 
 def gather_blocks(cache: jax.Array, layer: jax.Array | int, block_ids: jax.Array, block_size: int) -> jax.Array:
@@ -75,6 +77,9 @@ def paged_attention(
     GQA: query head h reads kv head h // (H // KV). `sliding_window` (None: full) keeps keys with
     pos[t] - p < window; `softcap` applies cap * tanh(score / cap). Returns [T, H, D] in q's dtype.
     """
+    if meta.query_tile:
+        return paged_attention_kernel(q, k_cache, v_cache, layer, meta, scale=scale, sliding_window=sliding_window,
+                                      softcap=softcap)
     t, h, d = q.shape
     kv = k_new.shape[1]
     qg = q.reshape(t, kv, h // kv, d).transpose(1, 0, 2, 3)  # [KV, T, G, D]
@@ -89,12 +94,7 @@ def paged_attention(
         return (query_pos[:, None] - key_pos[None, :]) < sliding_window
 
     state = _attend_new_tokens(qg, k_new, v_new, meta, scores, in_window)
-    if meta.context_kernel:
-        context = context_attention(qg, k_cache, v_cache, layer, meta, scale=scale,
-                                    sliding_window=sliding_window, softcap=softcap)
-        m, l, acc = merge(*(jnp.stack(pair) for pair in zip(state, context)))
-    else:
-        m, l, acc = _walk_cached_context(qg, k_cache, v_cache, layer, meta, state, scores, in_window)
+    m, l, acc = _walk_cached_context(qg, k_cache, v_cache, layer, meta, state, scores, in_window)
     out = acc / l[..., None]  # [KV, T, G, D]
     return out.transpose(1, 0, 2, 3).reshape(t, h, d).astype(q.dtype)
 
