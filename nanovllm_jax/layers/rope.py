@@ -38,10 +38,16 @@ def _llama3_inv_freq(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate x[T, heads, head_dim] by positions[T]; the angle math runs in f32."""
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
-    cos, sin = jnp.cos(freqs)[:, None, :], jnp.sin(freqs)[:, None, :]
+def rope_angles(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [..., T, head_dim / 2] of positions[T] times inv_freq[..., head_dim / 2], in f32:
+    computed once per step for all layers (inside a GPU layer loop they would cost a kernel per layer)."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[..., None, :]
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x[T, heads, head_dim] by the angles cos/sin[T, head_dim / 2]; the math runs in f32."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

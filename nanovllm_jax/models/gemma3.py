@@ -20,7 +20,7 @@ import numpy as np
 from nanovllm_jax.layers.attention import paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
-from nanovllm_jax.layers.rope import apply_rope, rope_inv_freq
+from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
 from nanovllm_jax.models import ForwardInputs
 from nanovllm_jax.models.llama import GetTensor, layer_stacker, projection_params, write_kv
 
@@ -185,9 +185,10 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
     t = x.shape[0]
     eps = cfg.rms_norm_eps
     scale = cfg.query_pre_attn_scalar ** -0.5
+    cos, sin = rope_angles(meta.positions, params["rope_inv_freq"])  # [2, T, head_dim / 2]: local, global
 
-    def layer_step(carry, w, layer, window, rope_row):
-        x, k_cache, v_cache = carry
+    def layer_step(carry, w, window, rope_row):
+        x, k_cache, v_cache, layer = carry
         h = _norm(x, w["attn_norm"], eps)
         qkv = linear(h, w["w_qkv"])
         if cfg.attention_bias:
@@ -196,9 +197,8 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         q = _norm(q.reshape(t, cfg.num_heads, cfg.head_dim), w["q_norm"], eps)
         k = _norm(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), w["k_norm"], eps)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        inv_freq = params["rope_inv_freq"][rope_row]
-        q = apply_rope(q, meta.positions, inv_freq)
-        k = apply_rope(k, meta.positions, inv_freq)
+        angles = cos[rope_row], sin[rope_row]
+        q, k = apply_rope(q, *angles), apply_rope(k, *angles)
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, inputs.slot_mapping, k, v)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer, sliding_window=window)
         o = linear(o.reshape(t, cfg.q_size), w["w_o"])
@@ -209,24 +209,22 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         gate, up = jnp.split(linear(h, w["w_gate_up"]), 2, axis=-1)
         h = linear(jax.nn.gelu(gate, approximate=cfg.gelu_tanh) * up, w["w_down"])
         x = x + _norm(h, w["mlp_post_norm"], eps)
-        return (x, k_cache, v_cache), None
+        return (x, k_cache, v_cache, layer + 1), None
 
-    carry = (x, k_cache, v_cache)
+    carry = (x, k_cache, v_cache, jnp.int32(0))  # the layer index in the carry: see llama.forward
     window = cfg.sliding_window
     if isinstance(params["layers"], (list, tuple)):  # per-layer arrays, unrolled: the kind is static
-        step = jax.jit(layer_step, static_argnums=(3, 4))  # traced once per kind; XLA inlines the calls
-        for i, w in enumerate(params["layers"]):
-            sliding = cfg.sliding_layers[i]
-            carry, _ = step(carry, w, jnp.int32(i), window if sliding else None, 0 if sliding else 1)
+        step = jax.jit(layer_step, static_argnums=(2, 3))  # traced once per kind; XLA inlines the calls
+        for sliding, w in zip(cfg.sliding_layers, params["layers"]):
+            carry, _ = step(carry, w, window if sliding else None, 0 if sliding else 1)
     else:  # stacked on axis 0: lax.scan, the kind is per-layer data so one body serves every layer
         sliding = np.asarray(cfg.sliding_layers)
         per_layer = (
-            jnp.arange(cfg.num_layers, dtype=jnp.int32),
             jnp.asarray(np.where(sliding, window or NO_WINDOW, NO_WINDOW), jnp.int32),
             jnp.asarray(np.where(sliding, 0, 1), jnp.int32),  # row of rope_inv_freq
         )
         carry, _ = jax.lax.scan(lambda c, xs: layer_step(c, xs[0], *xs[1]), carry, (params["layers"], per_layer))
-    x, k_cache, v_cache = carry
+    x, k_cache, v_cache, _ = carry
     h = _norm(x[inputs.logits_indices], params["norm"], eps)
     logits = linear(h, params.get("lm_head", embed), jnp.float32)
     if cfg.final_logit_softcapping is not None:

@@ -18,7 +18,7 @@ import numpy as np
 from nanovllm_jax.layers.attention import paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
-from nanovllm_jax.layers.rope import apply_rope, rope_inv_freq
+from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
 from nanovllm_jax.models import ForwardInputs
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
@@ -188,10 +188,10 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
     meta = inputs.attn
     t = x.shape[0]
     scale = cfg.head_dim ** -0.5
+    cos, sin = rope_angles(meta.positions, params["rope_inv_freq"])
 
-    def layer_step(carry, layer_in):
-        x, k_cache, v_cache = carry
-        w, layer = layer_in
+    def layer_step(carry, w):
+        x, k_cache, v_cache, layer = carry
         h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
         qkv = linear(h, w["w_qkv"])
         if cfg.qkv_bias:
@@ -203,8 +203,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         if cfg.qk_norm:
             q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-        q = apply_rope(q, meta.positions, params["rope_inv_freq"])
-        k = apply_rope(k, meta.positions, params["rope_inv_freq"])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, inputs.slot_mapping, k, v)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer)
         o = linear(o.reshape(t, cfg.q_size), w["w_o"])
@@ -214,17 +213,18 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
         gate, up = jnp.split(linear(h, w["w_gate_up"]), 2, axis=-1)
         x = x + linear(jax.nn.silu(gate) * up, w["w_down"])
-        return (x, k_cache, v_cache), None
+        return (x, k_cache, v_cache, layer + 1), None
 
-    carry = (x, k_cache, v_cache)
+    # The layer index rides in the carry: scanned as data, each layer would slice it out of an array
+    # (one more kernel per layer on a GPU). Unrolled, XLA folds it to constants.
+    carry = (x, k_cache, v_cache, jnp.int32(0))
     if isinstance(params["layers"], (list, tuple)):  # per-layer arrays, unrolled (see loader.to_device)
         step = jax.jit(layer_step)  # traced once, called per layer; XLA inlines the calls
-        for i, w in enumerate(params["layers"]):
-            carry, _ = step(carry, (w, jnp.int32(i)))
+        for w in params["layers"]:
+            carry, _ = step(carry, w)
     else:  # stacked on axis 0: lax.scan, ~4x faster to compile
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], layer_ids))
-    x, k_cache, v_cache = carry
+        carry, _ = jax.lax.scan(layer_step, carry, params["layers"])
+    x, k_cache, v_cache, _ = carry
     h = rms_norm(x[inputs.logits_indices], params["norm"], cfg.rms_norm_eps)
     logits = linear(h, params.get("lm_head", params["embed"]), jnp.float32)
     return logits, k_cache, v_cache
