@@ -18,6 +18,9 @@ from safetensors import SafetensorError, safe_open
 from nanovllm_jax.models import model_module
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# safetensors dtypes whose values are the weights themselves; anything else (I8/U8/I32 codes, F8_E4M3 ...)
+# needs scales this loader does not apply, so reading it as a float would give a silently wrong model
+FLOAT_TENSOR_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class SafetensorsDir:
@@ -51,9 +54,14 @@ class SafetensorsDir:
     def get(self, name: str) -> np.ndarray:
         if name not in self._owner:
             raise ValueError(f"missing tensor {name!r} in the checkpoint")
+        handle = self._owner[name]
         try:
-            return self._owner[name].get_tensor(name)
-        except (SafetensorError, TypeError) as e:
+            dtype = handle.get_slice(name).get_dtype()
+            if dtype not in FLOAT_TENSOR_DTYPES:
+                raise ValueError(f"tensor {name!r} has dtype {dtype}, which is unsupported: weights must be "
+                                 f"{', '.join(FLOAT_TENSOR_DTYPES)} (quantized checkpoints are unsupported)")
+            return handle.get_tensor(name)
+        except (SafetensorError, TypeError, AttributeError) as e:
             raise ValueError(f"cannot read tensor {name!r}: {e}") from e
 
 
@@ -62,7 +70,20 @@ def read_hf_config(model_dir: str | Path) -> dict:
     if not path.exists():
         raise ValueError(f"no config.json in {model_dir}")
     config = json.loads(path.read_text())
+    check_not_quantized(config, model_dir)
     return config
+
+
+def check_not_quantized(hf: dict, model_dir: str | Path) -> None:
+    """ValueError for a quantized HF checkpoint (config.json `quantization_config`, at the top or in a
+    multimodal `text_config`): its int/fp8 weights need scales and kernels this engine does not have.
+    GGUF files are dequantized at conversion, and their converted dirs carry no quantization_config."""
+    for config in (hf, hf.get("text_config") or {}):
+        quant = config.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+            raise ValueError(f"{model_dir}: quantized checkpoints (quant_method={method}) are unsupported; "
+                             f"use the unquantized (float) checkpoint, or a GGUF file (dequantized on load)")
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32", stacked: bool = True) -> tuple[ModuleType, object, dict]:

@@ -40,9 +40,10 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write config.json, model.safetensors and the SimpleBPE tokenizer.json into out_dir."""
-    config = TINY_CONFIGS[arch]
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """Write config.json, model.safetensors and the SimpleBPE tokenizer.json into out_dir; `overrides`
+    replace config fields (the weights depend only on the shapes)."""
+    config = TINY_CONFIGS[arch] | overrides
     rng = np.random.default_rng(seed)
     std = config["initializer_range"]
     tensors = {}

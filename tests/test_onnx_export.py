@@ -114,3 +114,44 @@ def test_bf16_and_f16_weights_widen_exactly(tmp_path):
     assert (weights.get("a") == values.to(torch.bfloat16).float().numpy()).all()
     assert (weights.get("b") == values.to(torch.float16).float().numpy()).all()
     assert weights.get("a").dtype == weights.get("b").dtype == np.float32
+
+
+def test_gemma3_spec_follows_the_jax_backends_config_rules(tmp_path):
+    """A multimodal config that stores only its overrides (as hub checkpoints do) reads like the JAX backend
+    reads it: transformers' Gemma3TextConfig defaults, the head tied, the text_config's layer types."""
+    from backends.onnx.model_spec import read_spec
+    from nanovllm_jax.models import gemma3
+
+    hf = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+          "text_config": {"num_hidden_layers": 12, "attn_logit_softcapping": 50.0}}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    spec, cfg = read_spec(tmp_path), gemma3.parse_config(hf)
+    assert spec.architecture == "gemma3_text" and spec.tie_word_embeddings is True
+    assert spec.layer_types == ("sliding",) * 5 + ("full",) + ("sliding",) * 5 + ("full",)
+    assert (spec.sliding_window, spec.vocab_size, spec.head_dim, spec.num_kv_heads) == (4096, 262_208, 256, 4)
+    assert spec.rope == dict(cfg.rope_global) and spec.rope_local == dict(cfg.rope_local)
+    assert spec.attn_scale == 256 ** -0.5 and spec.has_local_mask
+    (tmp_path / "config.json").write_text(json.dumps(hf | {"text_config": {"sliding_window": None}}))
+    assert not read_spec(tmp_path).has_local_mask  # no window: the sliding layers take attn_bias
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "final_logit_softcapping": 30.0}))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        read_spec(tmp_path)
+
+
+def test_quantized_checkpoints_are_refused(tmp_path, monkeypatch):
+    """The exporter reads config.json and the weights through the loader: a quantization_config or a
+    non-float tensor is a ValueError, not a garbage export."""
+    from safetensors.numpy import load_file, save_file
+
+    monkeypatch.setenv("NANOVLLM_JAX_ONNX_CACHE", str(tmp_path / "cache"))
+    model_dir = build_tiny_model("qwen3", tmp_path / "w8")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(ValueError, match=r"quantized checkpoints \(quant_method=gptq\) are unsupported"):
+        LLM(str(model_dir), backend="onnx", max_model_len=128)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"] = np.ones((64, 128), np.int8)
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.down_proj\.weight' has dtype I8"):
+        LLM(str(model_dir), backend="onnx", max_model_len=128)

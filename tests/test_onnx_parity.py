@@ -118,3 +118,72 @@ def test_greedy_matches_jax_backend(reference, arch):
     jax_llm = LLM(str(model_dir), backend="jax", max_model_len=256, **small)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     assert [o.token_ids for o in jax_llm.generate(prompts, params, use_tqdm=False)] == onnx_tokens == expected
+
+
+def test_gemma3_conditional_generation_matches_transformers(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint exports and gives transformers' tokens: the decoder under
+    language_model.model. (as transformers saves it) or model.language_model., and the head tied by Gemma 3's
+    default (config.json without tie_word_embeddings)."""
+    import json
+    import shutil
+
+    import torch
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    from backends.mock import SIMPLE_BPE_PATH
+
+    skip = ("architectures", "model_type", "hidden_act", "initializer_range", "bos_token_id", "eos_token_id",
+            "tie_word_embeddings")
+    text = {k: v for k, v in TINY_CONFIGS["gemma3"].items() if k not in skip}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=1000, boi_token_index=1001, eoi_token_index=1002)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # as onnx_fixtures draws them: far from greedy ties, norms (1 + w) jittered
+        for name, p in model.named_parameters():
+            if "language_model" in name:
+                p.normal_(0.0, 0.1 if "norm" in name else 0.2)
+    model_dir = tmp_path / "hf"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    shutil.copy(SIMPLE_BPE_PATH, model_dir / "tokenizer.json")
+    saved = json.loads((model_dir / "config.json").read_text())
+    saved.pop("tie_word_embeddings", None)
+    saved["text_config"].pop("tie_word_embeddings", None)
+    (model_dir / "config.json").write_text(json.dumps(saved))
+    tensors = load_file(model_dir / "model.safetensors")
+    assert "language_model.model.embed_tokens.weight" in tensors and not any(k.startswith("lm_head") for k in tensors)
+
+    prompts = make_prompts()[1:4]  # 17 to 70 tokens: all longer than the sliding window of 8
+    expected = hf_greedy(model_dir, prompts, NEW_TOKENS)
+    assert onnx_greedy(model_dir, prompts)[0] == expected
+    # the other layout transformers reads and writes: the decoder under model.language_model.
+    v5 = shutil.copytree(model_dir, model_dir.with_name("v5_layout"))
+    prefix = "language_model.model."
+    save_file({("model.language_model." + k[len(prefix):] if k.startswith(prefix) else k): v
+               for k, v in tensors.items()}, v5 / "model.safetensors")
+    assert onnx_greedy(v5, prompts)[0] == expected
+
+
+def test_gemma3_null_sliding_window_has_no_window(reference, tmp_path):
+    """sliding_window null: the sliding layers keep their local RoPE and see the whole context (as the JAX
+    backend reads it; transformers cannot run such a config, so the reference is a window no prompt fills).
+    The export then has no attn_bias_local input, which the runner would not feed."""
+    import json
+
+    import onnx
+
+    from backends.onnx.export import MODEL_FILE, ensure_exported
+
+    model_dir = build_tiny_model("gemma3", tmp_path / "null", sliding_window=None)
+    wide = build_tiny_model("gemma3", tmp_path / "wide", sliding_window=512)
+    _, prompts, windowed = reference["gemma3"]  # the same weights with a window of 8
+    expected = hf_greedy(wide, prompts, NEW_TOKENS)
+    assert expected != windowed  # the window matters for these prompts
+    graph = onnx.load(str(ensure_exported(model_dir) / MODEL_FILE), load_external_data=False).graph
+    assert "attn_bias_local" not in [i.name for i in graph.input]
+    assert json.loads((model_dir / "config.json").read_text())["sliding_window"] is None
+    got, _ = onnx_greedy(model_dir, prompts)
+    assert got == expected

@@ -84,6 +84,7 @@ def ensure_exported(model_dir: str | os.PathLike) -> Path:
     """An exported dir for `model_dir`: itself if already exported, else the (possibly new) cache entry."""
     if is_exported_dir(model_dir):
         return Path(model_dir)
+    read_spec(model_dir)  # an unsupported or quantized checkpoint fails here, before hashing its weights
     target = cache_root() / checkpoint_hash(model_dir)
     if is_exported_dir(target):
         return target

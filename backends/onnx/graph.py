@@ -7,7 +7,7 @@ Inputs (T new tokens of S sequences; Q = longest query of the step; G = query he
   block_ids              i64[S, B]      the blocks holding each sequence's cached context (padding: 0)
   attn_bias              f32[1, S, Q*G, B*bs + Q]  0 where query row q*G+g may attend a key, else -1e30;
                                         keys are the B*bs cached columns, then this step's Q rows
-  attn_bias_local        like attn_bias, cut to the last sliding_window positions (Gemma 3 only)
+  attn_bias_local        like attn_bias, cut to the last sliding_window positions (Gemma 3 with a window only)
   logits_indices         i64[S]
   k_cache, v_cache       f32[L, KVH, num_blocks, bs, D]  read-only here: the runner owns and writes them
 Outputs:
@@ -109,7 +109,7 @@ def build_graph(spec: ModelSpec, weights: SafetensorsDir, writer: WeightWriter) 
         q, k = _rope(b, q, *rope[kind]), _rope(b, k, *rope[kind])
         new_k.append(b.op("Unsqueeze", k, b.const([0])))
         new_v.append(b.op("Unsqueeze", v, b.const([0])))
-        bias = "attn_bias_local" if kind == "sliding" else "attn_bias"
+        bias = "attn_bias_local" if kind == "sliding" and spec.has_local_mask else "attn_bias"
         o = _paged_attention(b, spec, q, k, v, *blocks.read(i), bias)
         o = b.rms_norm(b.linear(o, lw["o"], pre + "o", lw["o_bias"]), lw["attn_out_norm"], pre + "attn_out_norm")
         x = b.op("Add", x, o)
@@ -199,7 +199,7 @@ def _model(b: _Builder, spec: ModelSpec) -> onnx.ModelProto:
         helper.make_tensor_value_info("k_cache", f, kv),
         helper.make_tensor_value_info("v_cache", f, kv),
     ]
-    if spec.has_sliding_layers:  # the same mask cut to the last sliding_window positions
+    if spec.has_local_mask:  # the same mask cut to the last sliding_window positions
         inputs.append(helper.make_tensor_value_info("attn_bias_local", f, [1, "S", "QG", "C"]))
     new_kv = [spec.num_layers, "T", spec.num_kv_heads, spec.head_dim]
     outputs = [

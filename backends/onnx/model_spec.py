@@ -1,12 +1,13 @@
 """The shape of a decoder-only model, read from an HF config.json (Llama, Qwen2, Qwen3, Gemma 3 text)."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from nanovllm_jax import loader
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text")
 
@@ -41,6 +42,12 @@ class ModelSpec:
         return "sliding" in self.layer_types
 
     @property
+    def has_local_mask(self) -> bool:
+        """Whether the sliding layers attend through attn_bias_local. With sliding_window null they keep
+        their local RoPE but see the whole context (attn_bias), as on the JAX backend."""
+        return self.has_sliding_layers and self.sliding_window is not None
+
+    @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
@@ -49,21 +56,18 @@ class ModelSpec:
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        raise ValueError(f"no config.json in {model_dir}")
-    c = json.loads(path.read_text())
-    c = c.get("text_config", c)
+    hf = loader.read_hf_config(model_dir)  # also refuses quantized checkpoints
+    c = hf.get("text_config", hf)
     model_type = c.get("model_type")
+    if hf.get("model_type") == "gemma3" or model_type == "gemma3_text":
+        return _gemma3_spec(hf)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"the ONNX exporter supports {', '.join(SUPPORTED_MODEL_TYPES)}; got model_type={model_type!r}")
     if c.get("use_sliding_window"):
         raise ValueError("sliding-window attention is supported for Gemma 3 only")
-    num_heads = c["num_attention_heads"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // num_heads
-    extra = _gemma3_fields(c) if model_type == "gemma3_text" else {}
-    if "activation" not in extra and c.get("hidden_act", "silu") != "silu":
+    if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"only SwiGLU (hidden_act='silu') is supported for {model_type}, got {c['hidden_act']!r}")
+    num_heads = c["num_attention_heads"]
     return ModelSpec(
         architecture=model_type,
         num_layers=c["num_hidden_layers"],
@@ -71,39 +75,51 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         intermediate_size=c["intermediate_size"],
         num_heads=num_heads,
         num_kv_heads=c.get("num_key_value_heads") or num_heads,
-        head_dim=head_dim,
+        head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
         vocab_size=c["vocab_size"],
         max_position_embeddings=c.get("max_position_embeddings", 4096),
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        rope=_rope_params(c, extra.pop("rope_parameters", None)),
-        **extra,
+        rope=_rope_params(c),
     )
 
 
-def _gemma3_fields(c: dict) -> dict:
-    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if c.get(cap) is not None:
-            raise ValueError(f"{cap} is not supported by the ONNX exporter")
-    if c.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        raise ValueError(f"unsupported Gemma activation {c['hidden_activation']!r}")
-    layers = c["num_hidden_layers"]
-    # transformers 5 writes rope_parameters per layer type; older configs rope_local_base_freq
-    params = c.get("rope_parameters") or {}
-    full = params.get("full_attention") or {}
-    local = params.get("sliding_attention") or {"rope_type": "default", "rope_theta": c.get("rope_local_base_freq", 10000.0)}
-    types = c.get("layer_types") or [
-        "sliding_attention" if (i + 1) % c.get("sliding_window_pattern", 6) else "full_attention" for i in range(layers)]
-    return {
-        "activation": "gelu_tanh",
-        "attn_scale": float(c.get("query_pre_attn_scalar", 256)) ** -0.5,
-        "embed_scale": float(np.float32(c["hidden_size"] ** 0.5)),
-        "norm_offset": 1.0,
-        "sliding_window": c.get("sliding_window"),
-        "layer_types": tuple("sliding" if t == "sliding_attention" else "full" for t in types),
-        "rope_local": _rope_params({"rope_parameters": local}),
-        "rope_parameters": full or None,
-    }
+def _gemma3_spec(hf: dict) -> ModelSpec:
+    """Gemma3ForCausalLM or the text decoder of Gemma3ForConditionalGeneration, read by the JAX backend's own
+    parse_config: the same defaults (transformers' Gemma3TextConfig, tied head), text_config, layer types and
+    RoPE forms (transformers 4.x and 5.x)."""
+    from nanovllm_jax.models import gemma3
+
+    cfg = gemma3.parse_config(hf)
+    # parse_config drops the final cap where transformers ignores it (the multimodal model never applies it);
+    # attn_logit_softcapping is ignored, as transformers' Gemma 3 and the JAX backend do
+    if cfg.final_logit_softcapping is not None:
+        raise ValueError("final_logit_softcapping is not supported by the ONNX exporter")
+    if not cfg.gelu_tanh:
+        raise ValueError("the ONNX exporter supports Gemma's tanh-approximated GELU only (hidden_activation="
+                         "'gelu_pytorch_tanh'), not the exact 'gelu'")
+    h = cfg.hidden_size
+    return ModelSpec(
+        architecture="gemma3_text",
+        num_layers=cfg.num_layers,
+        hidden_size=h,
+        intermediate_size=cfg.intermediate_size,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope=_rope_params({}, dict(cfg.rope_global)),
+        activation="gelu_tanh",
+        attn_scale=cfg.query_pre_attn_scalar ** -0.5,
+        embed_scale=float(np.float32(h ** 0.5)),
+        norm_offset=1.0,
+        sliding_window=cfg.sliding_window,
+        layer_types=tuple("sliding" if s else "full" for s in cfg.sliding_layers),
+        rope_local=_rope_params({}, dict(cfg.rope_local)),
+    )
 
 
 def _rope_params(c: dict, params: dict | None = None) -> dict:

@@ -33,7 +33,11 @@ class OnnxRunner(HostRunner):
         self.vocab_size = int(self.meta["vocab_size"])
         self.block_size = config.kvcache_block_size
         self.group_size = self.meta["num_heads"] // self.meta["num_kv_heads"]
-        self.sliding_window = self.meta["sliding_window"] if "attn_bias_local" in self.meta["inputs"] else None
+        self.sliding_window = None
+        if "attn_bias_local" in self.meta["inputs"]:
+            # a null sliding_window means no window; only exports older than graph.py's has_local_mask
+            # still take attn_bias_local for it
+            self.sliding_window = self.meta["sliding_window"] or self.meta["max_position_embeddings"]
         self.num_kvcache_blocks = self._num_blocks(config)
 
         m = self.meta

@@ -1,9 +1,17 @@
-"""The one place that maps HF weight names to ONNX graph weights (f32 numpy arrays)."""
+"""The one place that maps HF weight names to ONNX graph weights (f32 numpy arrays).
+
+The decoder's names are found as the JAX loader finds them (nanovllm_jax.models.gemma3): under "model." for
+*ForCausalLM, "model.language_model." / "language_model.model." for Gemma3ForConditionalGeneration saved by
+transformers 5.x / 4.x, with the untied head at "lm_head.weight" or "language_model.lm_head.weight".
+"""
 from __future__ import annotations
+
+from functools import cached_property
 
 import numpy as np
 
 from nanovllm_jax import loader
+from nanovllm_jax.models.gemma3 import DECODER_PREFIXES, LM_HEADS
 
 
 class SafetensorsDir(loader.SafetensorsDir):
@@ -15,6 +23,15 @@ class SafetensorsDir(loader.SafetensorsDir):
     def get(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(super().get(name), dtype=np.float32)
 
+    @cached_property
+    def prefix(self) -> str:
+        """Where the decoder's tensors live: the first of DECODER_PREFIXES that holds an embedding table."""
+        found = next((p for p in DECODER_PREFIXES if p + "embed_tokens.weight" in self), None)
+        if found is None:
+            raise ValueError("no embedding table in the checkpoint (looked for "
+                             f"{', '.join(repr(p + 'embed_tokens.weight') for p in DECODER_PREFIXES)})")
+        return found
+
 
 def layer_weights(w: SafetensorsDir, i: int) -> dict[str, np.ndarray | None]:
     """Graph weights of decoder layer i (HF Llama/Qwen2/Qwen3/Gemma 3 names); optional ones are None.
@@ -22,7 +39,7 @@ def layer_weights(w: SafetensorsDir, i: int) -> dict[str, np.ndarray | None]:
     q/k/v and gate/up are fused so that each layer runs two input matmuls instead of five.
     Linear weights keep HF's [out, in] layout; the graph multiplies with transB.
     """
-    p = f"model.layers.{i}."
+    p = f"{w.prefix}layers.{i}."
     attn, mlp = p + "self_attn.", p + "mlp."
     if mlp + "gate_proj.bias" in w:
         raise ValueError("MLP biases (mlp_bias=True) are not supported by the ONNX exporter")
@@ -50,13 +67,15 @@ def layer_weights(w: SafetensorsDir, i: int) -> dict[str, np.ndarray | None]:
 
 
 def embedding(w: SafetensorsDir) -> np.ndarray:
-    return w.get("model.embed_tokens.weight")
+    return w.get(w.prefix + "embed_tokens.weight")
 
 
 def final_norm(w: SafetensorsDir) -> np.ndarray:
-    return w.get("model.norm.weight")
+    return w.get(w.prefix + "norm.weight")
 
 
 def lm_head(w: SafetensorsDir, tied: bool) -> np.ndarray | None:
     """The untied output projection [vocab, hidden], or None when the head reuses the embedding."""
-    return None if tied else w.get("lm_head.weight")
+    if tied:
+        return None
+    return w.get(next((name for name in LM_HEADS if name in w), LM_HEADS[0]))

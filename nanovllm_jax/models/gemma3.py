@@ -131,18 +131,18 @@ def parse_config(hf: dict) -> Gemma3Config:
 # ---- weights: HF names -> params pytree, in this one place -----------------------------------
 
 # Where the decoder lives: Gemma3ForCausalLM, Gemma3ForConditionalGeneration (transformers 5.x / 4.x save).
-_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
-_LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
 
 def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -> dict:
     """Host (numpy) params: projections as in llama.projection_params (an untied head stays [vocab,
     hidden]), per-layer tensors stacked on axis 0. Norm weights stay as stored (HF's w of 1 + w): the
     1 is added in f32 in the forward."""
-    prefix = next((p for p in _PREFIXES if has(p + "embed_tokens.weight")), None)
+    prefix = next((p for p in DECODER_PREFIXES if has(p + "embed_tokens.weight")), None)
     if prefix is None:
         raise ValueError(f"no Gemma 3 embedding table in the checkpoint (looked for "
-                         f"{', '.join(p + 'embed_tokens.weight' for p in _PREFIXES)})")
+                         f"{', '.join(p + 'embed_tokens.weight' for p in DECODER_PREFIXES)})")
     h, d = cfg.hidden_size, cfg.head_dim
     stack = layer_stacker(prefix, cfg.num_layers)
     layers = {
@@ -164,7 +164,7 @@ def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -
                                    for r in (cfg.rope_local, cfg.rope_global)]),
     }
     if not cfg.tie_word_embeddings:
-        head = next((name for name in _LM_HEADS if has(name)), _LM_HEADS[0])
+        head = next((name for name in LM_HEADS if has(name)), LM_HEADS[0])
         params["lm_head"] = get(head, (cfg.vocab_size, h))  # [V, H] as stored, like every linear weight
     return params
 
