@@ -67,8 +67,13 @@ def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float,
 
 
 def draw(logits: np.ndarray, uniform: float) -> int:
-    """A token from softmax(logits) by inverse CDF at `uniform` in [0, 1)."""
+    """A token from softmax(logits) by inverse CDF at `uniform` in [0, 1).
+
+    Always an id of the row: where no weight is positive and finite (every logit -inf, or a NaN)
+    there is no distribution to draw from, and the row's argmax stands in."""
     cumulative = np.cumsum(np.exp(logits - logits.max()), dtype=np.float64)
+    if not 0.0 < cumulative[-1] < np.inf:
+        return int(np.argmax(logits))
     target = min(uniform * cumulative[-1], np.nextafter(cumulative[-1], 0.0))  # never past the last kept token
     return int(np.searchsorted(cumulative, target, side="right"))
 

@@ -243,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for backend in args.backend:
         if backend not in ("jax", "onnx", "mock"):
             p.error(f"unknown backend {backend!r}: choose jax, onnx or mock")
+    if args.num_seqs < 1:
+        p.error("--num-seqs must be >= 1")
     if args.min_input_len < 1 or args.min_input_len > args.max_input_len:
         p.error("need 1 <= --min-input-len <= --max-input-len")
     if args.min_output_len < 1 or args.min_output_len > args.max_output_len:

@@ -1,6 +1,7 @@
 """Engine configuration: every engine kwarg of `LLM(...)`, validated in one place."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 
@@ -47,8 +48,16 @@ class EngineConfig:
             _require_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
         if self.kv_cache_memory_bytes is not None:
             _require_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1)
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        gpu = self.gpu_memory_utilization
+        if isinstance(gpu, bool) or not isinstance(gpu, (int, float)) or not 0.0 < gpu <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {gpu!r}")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.compilation_cache_dir is not None:
+            if not isinstance(self.compilation_cache_dir, (str, os.PathLike)):
+                raise ValueError(f"compilation_cache_dir must be None or a path, got {self.compilation_cache_dir!r}")
+            self.compilation_cache_dir = os.fspath(self.compilation_cache_dir)
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         _require_int("seed", self.seed, 0)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from nanovllm_jax.config import EngineConfig
@@ -12,18 +14,23 @@ from nanovllm_jax.outputs import RequestOutput, StreamDelta
 from nanovllm_jax.sampling_params import SamplingParams
 
 ParamsArg = SamplingParams | Sequence[SamplingParams] | None
+PromptArg = Prompt | tuple[int, ...] | np.ndarray | dict  # dict: vLLM's {"prompt": str} or {"prompt_token_ids": ids}
 
 
 class LLM:
     def __init__(self, model: str | None = None, backend: str = "jax", **engine_kwargs):
         self.config = EngineConfig.from_kwargs(model, backend, **engine_kwargs)
         self.engine = LLMEngine(self.config)
+        # Several generate()/stream() calls may be open at once (a stream is consumed lazily), and the
+        # one that steps the engine gets every request's deltas: it keeps the others' for their owners.
+        self._open: set[int] = set()  # the requests of open calls
+        self._backlog: dict[int, list[StreamDelta]] = {}  # deltas that one call stepped for another
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: ParamsArg = None,
+    def generate(self, prompts: PromptArg | Sequence[PromptArg], sampling_params: ParamsArg = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order."""
         prompts = _as_list(prompts)
@@ -32,8 +39,8 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         try:
-            while len(outputs) < len(ids):
-                for delta in self.engine.step():
+            for deltas in self._steps(ids):
+                for delta in deltas:
                     if delta.finished:
                         outputs[delta.request_id] = self.engine.release(delta.request_id)
                         bar.update(1)
@@ -62,15 +69,16 @@ class LLM:
         # The template already holds the BOS token, so the text is encoded without specials.
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], sampling_params: ParamsArg = None) -> Iterator[StreamDelta]:
+    def stream(self, prompts: PromptArg | Sequence[PromptArg],
+               sampling_params: ParamsArg = None) -> Iterator[StreamDelta]:
         """Yield each request's new tokens and text as they are produced; `index` is the prompt's position."""
         prompts = _as_list(prompts)
         ids = self._add_all(prompts, sampling_params)
         index_of = {request_id: index for index, request_id in enumerate(ids)}
         done: dict[int, RequestOutput] = {}
         try:
-            while len(done) < len(ids):
-                for delta in self.engine.step():
+            for deltas in self._steps(ids):
+                for delta in deltas:
                     if delta.finished:
                         done[delta.request_id] = self.engine.release(delta.request_id)
                     if delta.token_ids or delta.text or delta.finished:
@@ -87,22 +95,63 @@ class LLM:
         params = _per_prompt(sampling_params, len(prompts))
         for prompt, p in zip(prompts, params):  # validate all first: a bad prompt adds nothing
             self.engine.validate(prompt, p)
-        return [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        self._open.update(ids)
+        return ids
+
+    def _steps(self, ids: list[int]) -> Iterator[list[StreamDelta]]:
+        """The deltas of requests `ids`, a step's worth at a time, until all have finished: first those
+        another call left for them, else the next engine step's. Another open call's deltas are kept for it."""
+        mine, unfinished = set(ids), len(ids)
+        while unfinished:
+            deltas = [d for i in ids for d in self._backlog.pop(i, [])] if self._backlog else []
+            ours = []
+            for delta in deltas or self.engine.step():
+                if delta.request_id in mine:
+                    ours.append(delta)
+                    if delta.finished:
+                        unfinished -= 1
+                elif delta.request_id in self._open:
+                    self._backlog.setdefault(delta.request_id, []).append(delta)
+            yield ours
 
     def _abort_unfinished(self, ids: list[int], finished: dict) -> None:
+        """A call ends (done, failed or closed early): abort and forget what it left running."""
         for request_id in ids:
+            self._open.discard(request_id)
+            self._backlog.pop(request_id, None)
             if request_id not in finished and request_id in self.engine.requests:
                 self.engine.abort(request_id)
                 self.engine.release(request_id)
 
 
 def _as_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-        return [prompts]
-    prompts = list(prompts)
+    """One prompt or a sequence of them, as a list of strings and token-id sequences."""
+    if isinstance(prompts, (str, dict)) or _is_token_ids(prompts) or not isinstance(prompts, Iterable):
+        prompts = [prompts]
+    prompts = [_from_dict(p) if isinstance(p, dict) else p for p in prompts]
     if not prompts:
         raise ValueError("no prompts given")
     return prompts
+
+
+def _is_token_ids(prompts) -> bool:
+    """Whether `prompts` is one prompt of token ids (a 1-D array, or a list or tuple of numbers)."""
+    if isinstance(prompts, np.ndarray):
+        return prompts.ndim == 1
+    return isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], numbers.Number)
+
+
+def _from_dict(prompt: dict) -> Prompt:
+    """vLLM's dict prompts: {"prompt": text} or {"prompt_token_ids": token ids}."""
+    if list(prompt) == ["prompt"] and isinstance(prompt["prompt"], str):
+        return prompt["prompt"]
+    if list(prompt) == ["prompt_token_ids"] and isinstance(prompt["prompt_token_ids"], (list, tuple, np.ndarray)):
+        return prompt["prompt_token_ids"]
+    raise ValueError(
+        "a dict prompt must be {'prompt': str} or {'prompt_token_ids': list of token ids}, "
+        f"got {{{', '.join(f'{k!r}: {type(v).__name__}' for k, v in prompt.items())}}}"
+    )
 
 
 def _per_prompt(sampling_params: ParamsArg, n: int) -> list[SamplingParams]:

@@ -81,6 +81,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.last_step = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
         self._in_flight: _InFlight | None = None
+        self._aborted: dict[int, _Request] = {}  # aborted since the last step, which reports them
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -91,6 +92,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
+            not_ints = [t for t in prompt if not _is_token_id(t)]
+            if not_ints:
+                raise ValueError(f"prompt token ids must be integers, got {not_ints[:5]!r}")
             token_ids = [int(t) for t in prompt]
             vocab = self.runner.vocab_size
             bad = [t for t in token_ids if not 0 <= t < vocab]
@@ -140,15 +144,19 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: int) -> None:
+        """Stop a request; the next step reports it finished with finish_reason "abort"."""
         request = self.requests.get(request_id)
         if request is not None and not request.seq.is_finished:
             self.scheduler.finish(request.seq, "abort")
+            self._aborted[request_id] = request
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def get_output(self, request_id: int) -> RequestOutput:
-        request = self.requests[request_id]
+        request = self.requests.get(request_id)
+        if request is None:
+            raise ValueError(f"no request {request_id}: it was never added or is already released")
         seq = request.seq
         return RequestOutput(
             request_id=request_id,
@@ -164,8 +172,10 @@ class LLMEngine:
     def release(self, request_id: int) -> RequestOutput:
         """The finished request's output; the engine forgets it."""
         output = self.get_output(request_id)
-        assert output.finished, f"request {request_id} is still running"
+        if not output.finished:
+            raise ValueError(f"request {request_id} is still running; abort it first")
         del self.requests[request_id]
+        self._aborted.pop(request_id, None)  # released: nobody waits for its report
         return output
 
     # ---- the step -------------------------------------------------------------------------
@@ -178,6 +188,8 @@ class LLMEngine:
         in_flight = self._submit(scheduled) if scheduled else None  # its inputs may name rows of the last one
         previous, self._in_flight = self._in_flight, in_flight
         deltas = self._read_back(previous) if previous else []  # if this raises, the engine still goes on
+        deltas += [self._take_delta(request) for request in self._aborted.values()]
+        self._aborted.clear()
         if self._in_flight and not self.scheduler.has_unfinished():
             # every request it computes for has stopped: wait for it, so no step outlives the work
             self._in_flight, idle = None, self._in_flight
@@ -265,9 +277,11 @@ class LLMEngine:
         for row, ids in enumerate(banned_rows):
             banned[row, : len(ids)] = ids
         wanted = [p.logprobs for p in params if p.logprobs is not None]
+        vocab = self.runner.vocab_size
         return SamplingBatch(
-            temperature=np.array([p.temperature for p in params], dtype=np.float32),
-            top_k=np.array([max(p.top_k, 0) for p in params], dtype=np.int32),
+            temperature=np.array([0.0 if p.greedy else p.temperature for p in params], dtype=np.float32),
+            # as in vLLM, a top_k of the whole vocabulary or more keeps every token: off (and int32-safe)
+            top_k=np.array([p.top_k if 0 < p.top_k < vocab else 0 for p in params], dtype=np.int32),
             top_p=np.array([p.top_p for p in params], dtype=np.float32),
             min_p=np.array([p.min_p for p in params], dtype=np.float32),
             seeds=np.array([seq.seed for seq in seqs], dtype=np.uint32),
@@ -293,9 +307,11 @@ class LLMEngine:
         if reason is None:
             request.detokenizer.add(token)
             reason = self._stop_text_or_length_reason(request)
+        if reason is not None and request.text_end is None:
+            request.detokenizer.flush()  # the text it releases may complete a stop string
+            if self._found_stop_string(request):
+                reason = "stop"
         if reason is not None:
-            if request.text_end is None:
-                request.detokenizer.flush()
             self.scheduler.finish(seq, reason)
         return self._take_delta(request)
 
@@ -308,13 +324,18 @@ class LLMEngine:
         return None
 
     def _stop_text_or_length_reason(self, request: _Request) -> str | None:
-        seq, params = request.seq, request.seq.params
-        if params.stop and seq.num_output_tokens >= params.min_tokens and self._find_stop_string(request):
+        if self._found_stop_string(request):
             return "stop"
-        request.searched = len(request.detokenizer.text)
-        if seq.num_output_tokens >= params.max_tokens:
+        if request.seq.num_output_tokens >= request.seq.params.max_tokens:
             return "length"
         return None
+
+    def _found_stop_string(self, request: _Request) -> bool:
+        """Whether the text not searched yet holds a stop string (then the text is cut there)."""
+        seq, params = request.seq, request.seq.params
+        found = bool(params.stop) and seq.num_output_tokens >= params.min_tokens and self._find_stop_string(request)
+        request.searched = len(request.detokenizer.text)
+        return found
 
     def _find_stop_string(self, request: _Request) -> bool:
         text = request.detokenizer.text
@@ -340,3 +361,7 @@ class LLMEngine:
         )
         request.emitted, request.emitted_tokens = end, seq.num_output_tokens
         return delta
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

@@ -3,6 +3,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+SAMPLING_EPS = 1e-5  # as in vLLM: a temperature below this samples greedily
+FLOAT32_MAX = 3.4028234663852886e38  # temperature and repetition_penalty reach the samplers as float32
+
 
 @dataclass
 class SamplingParams:
@@ -26,7 +29,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check_float("temperature", self.temperature, 0.0, math.inf, "[0, inf)")
+        _check_float("temperature", self.temperature, 0.0, FLOAT32_MAX, "[0, 3.4e38] (finite)")
         _check_int("top_k", self.top_k, -1, "-1 (off) or >= 1")
         if self.top_k == 0:
             raise ValueError("top_k must be -1 (off) or >= 1, got 0")
@@ -50,15 +53,17 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, "None or an integer in [0, 20]")
             if self.logprobs > 20:
                 raise ValueError(f"logprobs must be None or an integer in [0, 20], got {self.logprobs}")
-        _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf, "(0, inf)")
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, FLOAT32_MAX, "(0, 3.4e38] (finite)")
         if self.repetition_penalty == 0.0:
-            raise ValueError("repetition_penalty must be in (0, inf), got 0.0")
+            raise ValueError("repetition_penalty must be in (0, 3.4e38] (finite), got 0.0")
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0, "[-2, 2]")
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "[-2, 2]")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that logits / temperature would overflow: every backend
+        gets temperature 0 for these (the engine builds the batch from this)."""
+        return self.temperature < SAMPLING_EPS
 
 
 def _check_float(name: str, value, low: float, high: float, allowed: str) -> None:

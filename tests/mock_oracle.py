@@ -9,10 +9,11 @@ from nanovllm_jax.runner import SamplingBatch
 from nanovllm_jax.sampling_params import SamplingParams
 
 
-def one_row_sampling(params: SamplingParams, seed: int, prompt_len: int, banned: list[int]) -> SamplingBatch:
+def one_row_sampling(params: SamplingParams, seed: int, prompt_len: int, banned: list[int],
+                     vocab_size: int) -> SamplingBatch:
     return SamplingBatch(
-        temperature=np.array([params.temperature], np.float32),
-        top_k=np.array([max(params.top_k, 0)], np.int32),
+        temperature=np.array([0.0 if params.greedy else params.temperature], np.float32),
+        top_k=np.array([params.top_k if 0 < params.top_k < vocab_size else 0], np.int32),  # >= vocab: off
         top_p=np.array([params.top_p], np.float32),
         min_p=np.array([params.min_p], np.float32),
         seeds=np.array([seed], np.uint32),
@@ -35,7 +36,7 @@ def mock_generate(prompt: list[int], params: SamplingParams, vocab_size: int, eo
         banned = sorted(stop_ids) if len(out) < params.min_tokens else []
         ctx = np.array(context, np.int32)
         logits = mock_logits(ctx, vocab_size)[None]
-        sampling = one_row_sampling(params, params.seed or 0, len(prompt), banned)
+        sampling = one_row_sampling(params, params.seed or 0, len(prompt), banned, vocab_size)
         token = int(sample(logits, sampling, np.array([len(context)]), [ctx]).token_ids[0])
         out.append(token)
         context.append(token)

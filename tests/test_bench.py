@@ -45,7 +45,8 @@ def test_bench_workload_is_seeded():
 
 
 @pytest.mark.parametrize("argv", [["--backend", "tpu"], ["--min-input-len", "9", "--max-input-len", "3"],
-                                  ["--backend", "mock", "--compare", "hf"], ["--rounds", "0"]])
+                                  ["--backend", "mock", "--compare", "hf"], ["--rounds", "0"], ["--num-seqs", "0"],
+                                  ["--num-seqs", "-3"]])
 def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)

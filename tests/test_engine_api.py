@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import backends.mock.runner as mock_runner
 from backends.mock import SIMPLE_BPE_PATH
 from backends.mock.runner import mock_logits
-from backends.sampler import log_softmax
+from backends.sampler import draw, log_softmax
 from mock_oracle import mock_generate
 from nanovllm_jax import LLM, SamplingParams
 from nanovllm_jax.sequence import PENDING
@@ -109,6 +110,9 @@ def test_logprobs_are_log_softmax_of_the_model_logits(llm):
     "kwargs, field",
     [
         (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=1e39), "temperature"),  # inf as float32
         (dict(top_k=0), "top_k"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p=0.0), "top_p"),
@@ -118,6 +122,10 @@ def test_logprobs_are_log_softmax_of_the_model_logits(llm):
         (dict(seed=-1), "seed"),
         (dict(logprobs=50), "logprobs"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(presence_penalty=float("nan")), "presence_penalty"),
         (dict(presence_penalty=3.0), "presence_penalty"),
         (dict(frequency_penalty=-2.5), "frequency_penalty"),
         (dict(stop=[""]), "stop"),
@@ -127,6 +135,31 @@ def test_logprobs_are_log_softmax_of_the_model_logits(llm):
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_a_temperature_below_sampling_eps_is_greedy(llm):
+    """As in vLLM; logits / 1e-44 overflow float32, which once drew the out-of-vocabulary id 1024."""
+    greedy = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, **GREEDY), use_tqdm=False)[0]
+    for temperature in (1e-6, 1e-30, 1e-44, 5e-324):
+        params = SamplingParams(temperature=temperature, seed=3, max_tokens=6, ignore_eos=True, min_tokens=2)
+        assert llm.generate(PROMPTS[0], params, use_tqdm=False)[0].token_ids == greedy.token_ids
+
+
+def test_the_numpy_draw_never_leaves_the_vocabulary():
+    with np.errstate(invalid="ignore"):
+        for logits in ([-np.inf] * 8, [1.0, np.nan, 2.0], [0.0, np.inf, 1.0]):
+            for u in (0.0, 0.5, 0.999):
+                assert 0 <= draw(np.array(logits, np.float32), u) < len(logits)
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token(llm):
+    """top_k >= the vocabulary is no limit (as in vLLM); 2**31 once overflowed the int32 batch in every step."""
+    base = dict(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    unlimited = llm.generate(PROMPTS[0], SamplingParams(top_k=-1, **base), use_tqdm=False)[0]
+    beside = SamplingParams(max_tokens=3, **GREEDY)
+    for top_k in (1024, 2**31, 2**70):
+        outs = llm.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(top_k=top_k, **base), beside], use_tqdm=False)
+        assert outs[0].token_ids == unlimited.token_ids and len(outs[1].token_ids) == 3
 
 
 def test_bad_requests_raise_and_the_engine_keeps_serving(llm):
@@ -140,6 +173,9 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(llm):
         ([5000], ok, r"\[0, 1024\)"),
         (PROMPTS[0], SamplingParams(stop_token_ids=[99999]), "stop_token_ids"),
         (3.5, ok, "string or a list"),
+        ([5.9, 6.2], ok, "integers"),
+        ([True, False], ok, "integers"),
+        ({"prompt_token_ids": [5], "extra": 1}, ok, "dict prompt"),
     ]
     for prompt, params, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -167,6 +203,61 @@ def test_bad_engine_arguments():
         LLM(backend="mock", num_kvcache_blocks=2, kvcache_block_size=8).generate([[1] * 20], use_tqdm=False)
     for size in (8, 64, 256):  # any power of two from 8 up
         assert LLM(backend="mock", kvcache_block_size=size).generate([[1, 2]], use_tqdm=False)[0].token_ids
+
+
+def test_prompt_containers_as_in_vllm(llm):
+    """vLLM's dict prompts; a 1-D integer array or a tuple is one prompt of token ids; ids must be integers."""
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    ids = [5, 6, 7]
+    expected = llm.generate([ids], params, use_tqdm=False)[0].token_ids
+    for prompts in ({"prompt_token_ids": ids}, [{"prompt_token_ids": tuple(ids)}], np.array(ids), tuple(ids),
+                    list(np.array(ids)), [np.array(ids, np.int32)], np.array([ids])):
+        (out,) = llm.generate(prompts, params, use_tqdm=False)
+        assert out.prompt is None and out.prompt_token_ids == ids and out.token_ids == expected
+    text = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    for prompts in ({"prompt": PROMPTS[0]}, [{"prompt": PROMPTS[0]}, PROMPTS[1]]):
+        out = llm.generate(prompts, params, use_tqdm=False)[0]
+        assert out.prompt == PROMPTS[0] and out.token_ids == text.token_ids
+    for bad, message in (([[5.9, 6.2]], "integers"), (np.array([5.0, 6.0]), "integers"),
+                         ({"prompt": ids}, "dict prompt"), ({"text": "hi"}, "dict prompt"),
+                         ([{"prompt_token_ids": "hi"}], "dict prompt")):
+        with pytest.raises(ValueError, match=message):
+            llm.generate(bad, params, use_tqdm=False)
+    assert not llm.engine.requests
+
+
+def test_a_stop_string_completed_by_the_final_flush_stops(monkeypatch):
+    """The detokenizer holds back an incomplete character until the end; the text that flush releases
+    is searched for stop strings too."""
+    llm = LLM(backend="mock", max_model_len=256)
+    tok = llm.tokenizer
+    # " x", then a space and the first bytes of a multi-byte character (decoded at the end as U+FFFD)
+    script = tok.encode(" x") + [next(i for i in range(tok.vocab_size) if tok.decode([i]) == " \ufffd")]
+    prompt = [5, 6, 7]
+
+    def scripted_logits(context, vocab_size):
+        logits = np.zeros(vocab_size, np.float32)
+        logits[script[min(len(context) - len(prompt), len(script) - 1)]] = 10.0
+        return logits
+
+    monkeypatch.setattr(mock_runner, "mock_logits", scripted_logits)
+    params = SamplingParams(max_tokens=len(script), **GREEDY)
+    free = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert free.token_ids == script and free.text == " x \ufffd" and free.finish_reason == "length"
+    stopped = SamplingParams(max_tokens=len(script), stop=["x "], **GREEDY)
+    out = llm.generate([prompt], stopped, use_tqdm=False)[0]
+    assert out.text == " " and out.finish_reason == "stop" and out.token_ids == script
+    deltas = list(llm.stream([prompt], stopped))
+    assert "".join(d.text for d in deltas) == " " and deltas[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs", [dict(gpu_memory_utilization="0.9"), dict(gpu_memory_utilization=None),
+                                    dict(gpu_memory_utilization=True), dict(enable_prefix_caching="no"),
+                                    dict(enable_chunked_prefill=0.5), dict(compilation_cache_dir=123)])
+def test_engine_arguments_of_the_wrong_type_name_the_field(kwargs):
+    (field,) = kwargs
+    with pytest.raises(ValueError, match=field):
+        LLM(backend="mock", **kwargs)
 
 
 def test_stream_matches_generate_including_multibyte_text(llm):
@@ -217,6 +308,99 @@ def test_abort_frees_blocks(llm):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     again = llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)[0]
     assert again.token_ids == mock_generate(out.prompt_token_ids, params, llm.engine.runner.vocab_size, set())[:3]
+
+
+def test_release_refuses_unknown_and_running_requests(llm):
+    engine = llm.engine
+    with pytest.raises(ValueError, match="no request 123456"):
+        engine.release(123456)
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=4, **GREEDY))
+    with pytest.raises(ValueError, match="still running"):
+        engine.release(rid)
+    engine.abort(rid)
+    (delta,) = engine.step()  # the next step reports the abort
+    assert delta.request_id == rid and delta.finished and delta.finish_reason == "abort"
+    assert engine.release(rid).finish_reason == "abort"
+    with pytest.raises(ValueError, match=f"no request {rid}"):
+        engine.release(rid)
+
+
+def step_limit(monkeypatch, llm, limit=500):
+    """Fail, rather than hang, a call that steps the engine forever."""
+    step, steps = llm.engine.step, []
+
+    def limited():
+        steps.append(1)
+        assert len(steps) <= limit, f"still stepping after {limit} engine steps"
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", limited)
+
+
+def test_abort_ends_the_waiting_stream_or_generate_with_finish_reason_abort(monkeypatch):
+    llm = LLM(backend="mock", max_model_len=256)
+    step_limit(monkeypatch, llm)
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    full = llm.generate(["abort me", "keep me"], params, use_tqdm=False)
+    tokens, reasons = [[], []], [None, None]
+    for delta in llm.stream(["abort me", "keep me"], params):
+        tokens[delta.index] += delta.token_ids
+        if delta.finished:
+            reasons[delta.index] = delta.finish_reason
+        if delta.index == 0 and len(tokens[0]) == 2 and not delta.finished:
+            llm.engine.abort(delta.request_id)  # e.g. a client disconnected
+    assert reasons == ["abort", "length"]
+    assert tokens == [full[0].token_ids[:2], full[1].token_ids]
+
+    step, steps = llm.engine.step, []
+
+    def aborting_step():  # aborts the first request from inside generate()'s fourth step
+        deltas = step()
+        steps.append(deltas)
+        if len(steps) == 4:
+            llm.engine.abort(min(d.request_id for d in deltas))
+        return deltas
+
+    monkeypatch.setattr(llm.engine, "step", aborting_step)
+    outs = llm.generate(["abort me", "keep me"], params, use_tqdm=False)
+    assert [o.finish_reason for o in outs] == ["abort", "length"] and outs[1].token_ids == full[1].token_ids
+    assert outs[0].token_ids == full[0].token_ids[: len(outs[0].token_ids)] and len(outs[0].token_ids) < 20
+    assert not llm.engine.requests
+
+
+def test_open_streams_and_generate_each_get_exactly_their_own_tokens(monkeypatch):
+    """A stream is consumed lazily, so other calls may step the engine meanwhile: each call still gets
+    all of its own requests' deltas and none of another's."""
+    llm = LLM(backend="mock", max_model_len=256)
+    step_limit(monkeypatch, llm)
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    prompts = ["a stream", "short", "stream B"]
+    alone = {p: llm.generate(p, params, use_tqdm=False)[0] for p in prompts}
+
+    def joined(deltas):
+        deltas = list(deltas)
+        assert [d.finished for d in deltas].count(True) == 1 and deltas[-1].finish_reason == "length"
+        return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas)
+
+    expected = {p: (alone[p].token_ids, alone[p].text) for p in prompts}
+    # generate() while a stream is open, then the rest of the stream
+    stream = llm.stream(["a stream"], params)
+    first = next(stream)
+    assert [(o.token_ids, o.text) for o in llm.generate(["short"], params, use_tqdm=False)] == [expected["short"]]
+    assert joined([first, *stream]) == expected["a stream"]
+    # generate() outliving a stream it stepped to the end
+    stream = llm.stream(["short"], params)
+    first = next(stream)
+    assert [(o.token_ids, o.text) for o in llm.generate(["stream B"], params, use_tqdm=False)] == [expected["stream B"]]
+    assert joined([first, *stream]) == expected["short"]
+    # two streams taking turns
+    a, b = llm.stream(["a stream"], params), llm.stream(["stream B"], params)
+    got_a, got_b = [], []
+    for da, db in zip(a, b):
+        got_a.append(da)
+        got_b.append(db)
+    assert joined(got_a + list(a)) == expected["a stream"] and joined(got_b + list(b)) == expected["stream B"]
+    assert not llm.engine.requests and not llm._backlog and not llm._open
 
 
 def test_next_step_is_submitted_before_the_last_is_read_back(monkeypatch):

@@ -22,8 +22,8 @@ def workloads(draw):
         prompts.append(prompt)
     params = [
         SamplingParams(
-            temperature=draw(st.sampled_from([0.0, 0.7, 1.3])),
-            top_k=draw(st.sampled_from([-1, 5])),
+            temperature=draw(st.sampled_from([0.0, 1e-44, 0.7, 1.3])),  # below SAMPLING_EPS: greedy
+            top_k=draw(st.sampled_from([-1, 5, 2**31])),  # past the vocabulary: off
             top_p=draw(st.sampled_from([1.0, 0.9])),
             seed=draw(st.integers(0, 2**32 - 1)),
             max_tokens=draw(st.integers(1, 24)),
