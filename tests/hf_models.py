@@ -1,4 +1,5 @@
-"""Tiny random-weight HF checkpoints (Qwen3, Qwen2, Llama with llama3 RoPE scaling) for parity tests.
+"""Tiny random-weight HF checkpoints (Qwen3, Qwen2, Llama with llama3 RoPE scaling, Mistral with an
+8-token sliding window) for parity tests.
 
 Weights are drawn with a large initializer_range so greedy tokens are far from ties; each model dir
 gets the mock's byte-level BPE as tokenizer.json (vocab 1024).
@@ -20,6 +21,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama3": ("Llama", dict(COMMON, tie_word_embeddings=False, num_key_value_heads=1, rope_scaling=dict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64), rope_theta=500000.0)),
+    "mistral": ("Mistral", dict(COMMON, tie_word_embeddings=False, sliding_window=8, rope_theta=10000.0)),
 }
 
 

@@ -73,7 +73,8 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name,stacked,kernel", [("qwen3", True, False), ("qwen2", False, False),
-                                                 ("llama3", False, False), ("qwen3", True, True)])
+                                                 ("llama3", False, False), ("mistral", False, False),
+                                                 ("qwen3", True, True), ("mistral", True, True)])
 def test_prefill_chunked_and_decode_logits_match_transformers(model_dirs, name, stacked, kernel):
     """kernel: attention through the Pallas kernel (interpret mode here), under lax.scan as on GPU."""
     ref = load_reference(model_dirs[name])

@@ -1,10 +1,10 @@
-"""Llama-family decoders (Llama 2/3.x, Qwen2, Qwen3) as one pure function over a params pytree.
+"""Llama-family decoders (Llama 2/3.x, Mistral, Qwen2, Qwen3) as one pure function over a params pytree.
 
 The families differ only in small switches: Qwen2 adds q/k/v biases, Qwen3 RMS-normalizes q and k
-per head, Llama 3.x rescales RoPE frequencies. Layer weights come either stacked on a leading axis
-(run under lax.scan: ~4x faster to compile) or as a list of per-layer dicts (unrolled: on XLA:CPU
-~4x faster to run, since scan copies each layer's weight slice before its matmul). The KV cache is
-a carry that each layer scatters its new K/V into in place.
+per head, Llama 3.x rescales RoPE frequencies, Mistral attends within a sliding window. Layer weights
+come either stacked on a leading axis (run under lax.scan: ~4x faster to compile) or as a list of
+per-layer dicts (unrolled: on XLA:CPU ~4x faster to run, since scan copies each layer's weight slice
+before its matmul). The KV cache is a carry that each layer scatters its new K/V into in place.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class LlamaConfig:
     qkv_bias: bool  # Qwen2, or attention_bias
     o_bias: bool  # attention_bias (Llama / Qwen3 option)
     qk_norm: bool  # Qwen3
+    sliding_window: int | None  # Mistral: keys within this many positions of the query
 
     @property
     def q_size(self) -> int:
@@ -83,6 +84,8 @@ def parse_config(hf: dict) -> LlamaConfig:
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=attention_bias,
         qk_norm=model_type == "qwen3",
+        # Mistral configs carry no use_sliding_window flag: their window always applies
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
     )
 
 
@@ -205,7 +208,8 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
             k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, inputs.slot_mapping, k, v)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer,
+                            sliding_window=cfg.sliding_window)
         o = linear(o.reshape(t, cfg.q_size), w["w_o"])
         if cfg.o_bias:
             o = o + w["b_o"]
