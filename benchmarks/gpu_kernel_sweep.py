@@ -53,9 +53,29 @@ def time_ms(tuning: KernelTuning, inputs) -> float:
     return (time.perf_counter() - start) / 20 * 1e3
 
 
+def prefill_ms(tuning: KernelTuning, seqs: int = 16, new: int = 512, kv: int = 8, g: int = 2, d: int = 128,
+               bs: int = 16, dtype=jnp.bfloat16) -> float:
+    """A prefill step: `seqs` chunks of `new` tokens after cached prefixes of 0-1024 tokens (scattered pages)."""
+    if not GPU:
+        seqs, new = 2, 16
+    rng = np.random.default_rng(0)
+    _, tables, k_cache, v_cache = scattered_contexts(rng, seqs, 1, 2048, kv, d, bs, dtype)
+    cached = rng.integers(0, 1024, size=seqs)
+    t = seqs * new
+    positions = (cached[:, None] + np.arange(new)).reshape(-1).astype(np.int32)
+    seq_ids = np.repeat(np.arange(seqs), new).astype(np.int32)
+    tile = query_tile(t, seqs, g, tuning)
+    meta = AttentionMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(cached[seq_ids], jnp.int32),
+                             jnp.asarray(tables[seq_ids]), block_size=bs, pages_per_chunk=16, query_tile=tile,
+                             query_tiles=jnp.asarray(pack_query_tiles(np.arange(seqs + 1) * new, t, seqs, tile)))
+    q = jnp.asarray(rng.standard_normal((t, kv * g, d), np.float32), dtype)
+    return time_ms(tuning, (q, k_cache, v_cache, meta))
+
+
 def sweep() -> list[dict]:
     """Key tile x splits at Triton's default launch (4 warps, 3 stages), then warps x stages around the
-    fastest of those, then keys gathered row by row (row_gather) around the fastest so far."""
+    fastest of those, then keys gathered row by row (row_gather) around the fastest so far; then the
+    prefill query tile (rows per program) with that decode tuning."""
     cases = {seqs: decode_inputs(seqs if GPU else 2) for seqs in (256, 32)}
     results, start = [], time.perf_counter()
 
@@ -82,11 +102,27 @@ def sweep() -> list[dict]:
     best = fastest(results)["tuning"]
     for tile, stages in itertools.product((16 << 10, 32 << 10), (2, 3)):
         measure(KernelTuning(**best | dict(key_tile_bytes=tile, num_stages=stages, row_gather=True)))
+    best = fastest(results)["tuning"]
+    for rows in (16, 32, 64, 128):  # the query tile of prefill steps (8192 tokens of 16 sequences)
+        tuning = KernelTuning(**best | dict(prefill_rows=rows))
+        row = dict(tuning=tuning.__dict__)
+        try:
+            row["prefill_ms"] = prefill_ms(tuning)
+        except Exception as e:  # e.g. out of shared memory or registers
+            row["error"] = str(e).splitlines()[0][:120]
+        print(json.dumps(row), flush=True)
+        results.append(row)
     return results
 
 
 def fastest(results: list[dict]) -> dict:
-    return min((r for r in results if "error" not in r), key=lambda r: r["ms_256"] + r["ms_32"])
+    """The fastest decode tuning, with the fastest prefill tile when those were timed."""
+    best = min((r for r in results if "ms_256" in r), key=lambda r: r["ms_256"] + r["ms_32"])
+    prefill = [r for r in results if "prefill_ms" in r]
+    if prefill:
+        rows = min(prefill, key=lambda r: r["prefill_ms"])["tuning"]["prefill_rows"]
+        best = best | dict(tuning=best["tuning"] | dict(prefill_rows=rows))
+    return best
 
 
 if __name__ == "__main__":
