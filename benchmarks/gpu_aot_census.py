@@ -81,7 +81,7 @@ def forward_hlo(module, cfg, params, tokens: int, seqs: int, slots: int) -> str:
     tiling = jax_runner.TILINGS["gpu"]
     token_block = math.gcd(tokens, tiling.token_block)
     pages = min(tiling.max_chunk_tokens // 16, max(1, tiling.chunk_budget // token_block // 16))
-    tile = attention_kernel.query_tile(tokens, seqs, cfg.num_heads // cfg.num_kv_heads)
+    tile = attention_kernel.query_tile(tokens, seqs, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
     layout = StepLayout(tokens, SeqLayout(seqs, 256, 16, 16), 1 << (pages.bit_length() - 1), slots, token_block,
                         math.gcd(tokens, tiling.new_block), tile)
     mesh = topologies.make_mesh(topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H200),

@@ -42,7 +42,7 @@ def kernel_check(dtype: str, seqs: int = 256, kv: int = 8, heads: int = 16, d: i
     k_new, v_new = (jnp.asarray(rng.standard_normal((seqs, kv, d), np.float32), dtype) for _ in "kv")
     slots = tables[np.arange(seqs), lens // bs] * bs + lens % bs  # the new tokens' K/V, written as the model does
     k_cache, v_cache = k_cache.at[1, :, slots].set(k_new), v_cache.at[1, :, slots].set(v_new)
-    tile = query_tile(seqs, seqs, heads // kv)
+    tile = query_tile(seqs, seqs, heads // kv, d)
     tiles = jnp.asarray(pack_query_tiles(np.arange(seqs + 1), seqs, seqs, tile))
 
     def run(kernel: bool):

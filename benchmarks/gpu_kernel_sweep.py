@@ -32,7 +32,7 @@ def decode_inputs(seqs: int, kv: int = 8, g: int = 2, d: int = 128, bs: int = 16
     max_len = 2048 if GPU else 256
     lens, tables, k_cache, v_cache = scattered_contexts(rng, seqs, max_len // 20, max_len, kv, d, bs, dtype)
     q = jnp.asarray(rng.standard_normal((seqs, kv * g, d), np.float32), dtype)
-    tile = query_tile(seqs, seqs, g)
+    tile = query_tile(seqs, seqs, g, d)
     meta = AttentionMetadata(jnp.asarray(lens - 1, jnp.int32), jnp.arange(seqs, dtype=jnp.int32),
                              jnp.asarray(lens - 1, jnp.int32), jnp.asarray(tables), block_size=bs, pages_per_chunk=16,
                              query_tile=tile, query_tiles=jnp.asarray(pack_query_tiles(np.arange(seqs + 1), seqs, seqs,
@@ -64,7 +64,7 @@ def prefill_ms(tuning: KernelTuning, seqs: int = 16, new: int = 512, kv: int = 8
     t = seqs * new
     positions = (cached[:, None] + np.arange(new)).reshape(-1).astype(np.int32)
     seq_ids = np.repeat(np.arange(seqs), new).astype(np.int32)
-    tile = query_tile(t, seqs, g, tuning)
+    tile = query_tile(t, seqs, g, d, tuning)
     meta = AttentionMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(cached[seq_ids], jnp.int32),
                              jnp.asarray(tables[seq_ids]), block_size=bs, pages_per_chunk=16, query_tile=tile,
                              query_tiles=jnp.asarray(pack_query_tiles(np.arange(seqs + 1) * new, t, seqs, tile)))

@@ -277,7 +277,7 @@ class JaxRunner:
         pages = 1 << (pages.bit_length() - 1)  # a power of two, so it divides table_width
         seq = SeqLayout(self._seq_bucket[tokens], self.table_width, banned, self.block_size)
         mc = self.model_config
-        tile = query_tile(tokens, seq.seqs, mc.num_heads // mc.num_kv_heads) if tiling.kernel else 0
+        tile = query_tile(tokens, seq.seqs, mc.num_heads // mc.num_kv_heads, mc.head_dim) if tiling.kernel else 0
         return StepLayout(tokens, seq, pages, self.num_slots, token_block, math.gcd(tokens, tiling.new_block), tile)
 
     def _programs(self, tokens: int, banned: int, adjust: bool):

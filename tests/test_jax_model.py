@@ -54,7 +54,7 @@ class PagedModel:
         if self.kernel:  # tiles as the runner sizes them
             t, s, group = len(ids), len(chunks), self.cfg.num_heads // self.cfg.num_kv_heads
             query_start = np.cumsum([0] + [len(tokens) for tokens in chunks.values()])
-            tiles = dict(query_tile=query_tile(t, s, group))
+            tiles = dict(query_tile=query_tile(t, s, group, self.cfg.head_dim))
             tiles["query_tiles"] = jnp.asarray(pack_query_tiles(query_start, t, s, tiles["query_tile"]))
         meta = AttentionMetadata(
             positions=jnp.array(pos, jnp.int32), seq_ids=jnp.asarray(seq_ids),
@@ -155,7 +155,8 @@ def test_paged_attention_matches_dense_reference(window, softcap, lens, new, til
     cached = np.array([lens[s] - new[s] if s >= 0 else 0 for s in seq_ids], np.int32)
     if "query_tile" in tiling:
         query_start = np.cumsum([0] + new)
-        tiling = tiling | dict(query_tiles=jnp.asarray(pack_query_tiles(query_start, len(q), len(lens), tiling["query_tile"])))
+        tiles = pack_query_tiles(query_start, len(q), len(lens), tiling["query_tile"])
+        tiling = tiling | dict(query_tiles=jnp.asarray(tiles))
     meta = AttentionMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(cached),
                              jnp.asarray(tables[np.maximum(seq_ids, 0)], jnp.int32), bs, 2, **tiling)
     out = paged_attention(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_cache),
@@ -211,7 +212,7 @@ def test_attention_kernel_lowers_to_triton(row_gather, heads, monkeypatch):
     """The kernel as a GPU build would lower it (Pallas -> Triton IR), without a GPU: an op Triton
     lowering lacks fails here rather than on a lent machine."""
     t, kv, d, bs, width = 512, 4, 128, 16, 128
-    tile = query_tile(t, 64, heads // kv)
+    tile = query_tile(t, 64, heads // kv, d)
     meta = AttentionMetadata(jnp.zeros(t, jnp.int32), jnp.zeros(t, jnp.int32), jnp.zeros(t, jnp.int32),
                              jnp.zeros((t, width), jnp.int32), block_size=bs, pages_per_chunk=8, query_tile=tile,
                              query_tiles=jnp.zeros((t // tile + 64, 2), jnp.int32))
@@ -240,7 +241,7 @@ def test_gpu_decode_forward_has_no_control_flow_but_the_layer_scan(monkeypatch):
     mc = llama.parse_config(dict(RANDOM_CONFIGS["qwen3-0.6b"], num_hidden_layers=2))
     params = jax.eval_shape(lambda: llama.random_params(mc, dtype="bfloat16", stacked=True))
     slots, tokens = 1 << 16, 256
-    tile = query_tile(tokens, tokens, mc.num_heads // mc.num_kv_heads)
+    tile = query_tile(tokens, tokens, mc.num_heads // mc.num_kv_heads, mc.head_dim)
     layout = StepLayout(tokens, SeqLayout(tokens, 128, 1, 16), 8, slots, 256, 512, query_tile=tile)
     cache = jax.ShapeDtypeStruct((2, mc.num_kv_heads, slots, mc.head_dim), jnp.bfloat16)
     ints = [jax.ShapeDtypeStruct((n,), jnp.int32) for n in (slots, tokens, layout.size)]

@@ -45,17 +45,18 @@ class KernelTuning:
     # gather reshaped: not yet timed on a GPU (gpu_kernel_sweep.py does).
     row_gather: bool = False
     decode_rows: int = MIN_DOT_ROWS  # dot rows per program in steps of at most one token per sequence
-    prefill_rows: int = 64  # ... in steps with more tokens than sequences (not yet timed on a GPU)
+    prefill_rows: int = 64  # ... in steps with more tokens than sequences, at head_dim 128 (not yet timed)
 
 
 TUNING = KernelTuning()
 
 
-def query_tile(tokens: int, seqs: int, group: int, tuning: KernelTuning | None = None) -> int:
+def query_tile(tokens: int, seqs: int, group: int, head_dim: int, tuning: KernelTuning | None = None) -> int:
     """Tokens per query tile for steps of `tokens` (bucket) and `seqs` (bucket), `group` query heads
-    per kv head: a power of two no larger than the step."""
+    per kv head: a power of two no larger than the step. A program holds its [rows, head_dim] f32
+    output in registers: prefill rows shrink with head dims over 128."""
     tuning = tuning or TUNING
-    rows = tuning.decode_rows if tokens <= seqs else tuning.prefill_rows
+    rows = tuning.decode_rows if tokens <= seqs else max(MIN_DOT_ROWS, tuning.prefill_rows * 128 // max(head_dim, 128))
     tile = max(1, rows // pl.next_power_of_2(group))
     return min(tile, 1 << (tokens.bit_length() - 1))
 
