@@ -79,3 +79,16 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """Build every tiny model once into a session temp dir (call from a session-scoped fixture)."""
     root = tmp_path_factory.mktemp("tiny_hf_models")
     return {name: build_tiny_model(name, root / name) for name in TINY_CONFIGS}
+
+
+def gemma3_conditional_model(text_config: dict):
+    """A random Gemma3ForConditionalGeneration (tiny vision tower) around `text_config`, seeded; eval mode."""
+    import torch
+    import transformers
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text_config, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=1000, boi_token_index=1001, eoi_token_index=1002)
+    torch.manual_seed(0)
+    return transformers.Gemma3ForConditionalGeneration(config).eval()

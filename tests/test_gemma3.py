@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_models import gemma3_conditional_model
 from nanovllm_jax import LLM, SamplingParams
 from nanovllm_jax.models import ForwardInputs
 from nanovllm_jax.layers.attention import AttentionMetadata
@@ -192,12 +193,7 @@ def test_config_forms_agree():
 def test_conditional_generation_text_decoder_matches_transformers(tmp_path):
     """Gemma3ForConditionalGeneration checkpoints load their text decoder (text-only prompts)."""
     text = {k: v for k, v in TINY.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
-    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                       image_token_index=1000, boi_token_index=1001, eoi_token_index=1002)
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    model = gemma3_conditional_model(text)
     _jitter_norms(model)
     model.save_pretrained(tmp_path, safe_serialization=True)
     ids = _prompts(1)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hf_models import gemma3_conditional_model
 from nanovllm_jax import LLM, SamplingParams
 from onnx_fixtures import TINY_CONFIGS, build_tiny_model, hf_greedy
 
@@ -128,7 +129,6 @@ def test_gemma3_conditional_generation_matches_transformers(tmp_path):
     import shutil
 
     import torch
-    import transformers
     from safetensors.numpy import load_file, save_file
 
     from backends.mock import SIMPLE_BPE_PATH
@@ -136,12 +136,7 @@ def test_gemma3_conditional_generation_matches_transformers(tmp_path):
     skip = ("architectures", "model_type", "hidden_act", "initializer_range", "bos_token_id", "eos_token_id",
             "tie_word_embeddings")
     text = {k: v for k, v in TINY_CONFIGS["gemma3"].items() if k not in skip}
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
-    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                       image_token_index=1000, boi_token_index=1001, eoi_token_index=1002)
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    model = gemma3_conditional_model(text)
     with torch.no_grad():  # as onnx_fixtures draws them: far from greedy ties, norms (1 + w) jittered
         for name, p in model.named_parameters():
             if "language_model" in name:
