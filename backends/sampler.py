@@ -1,8 +1,10 @@
 """Host-side (numpy) sampler with the same semantics as the JAX on-device sampler.
 
-Order: logprobs from the raw logits; penalties; banned ids; then greedy (temperature 0) or
-temperature, top-k, top-p, min-p and an inverse-CDF draw with a uniform keyed by (seed, context length).
-Top-k/top-p rank only the best CANDIDATES tokens of a row unless its top-k or nucleus needs more.
+Order: logprobs from the raw logits; penalties; banned ids; then greedy (temperature 0) or, as
+vLLM's v1 sampler: temperature, min-p, top-k, then top-p over the distribution that min-p and top-k
+kept, renormalized; then an inverse-CDF draw with a uniform keyed by (seed, context length).
+Top-k/top-p rank only the best CANDIDATES tokens of a row unless what min-p and top-k keep reaches
+past them and either its top-k or its nucleus does.
 """
 from __future__ import annotations
 
@@ -33,34 +35,50 @@ def apply_penalties(logits: np.ndarray, sampling: SamplingBatch, contexts: list[
 CANDIDATES = 256
 
 
-def _keep_ranked(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
-    """Which of the ranked (descending) probabilities survive top-k, top-p and min-p."""
-    keep = np.ones(len(probs), dtype=bool)
-    if top_k > 0:
-        keep[top_k:] = False
-    if top_p < 1.0:
-        # keep a token if the mass strictly before it is below top_p (the top token always stays)
-        keep &= (np.cumsum(probs) - probs) < top_p
-    return keep & (probs >= min_p * probs[0])
+def ranking(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k best logits of a row, by value, then lower id first (exactly k, whatever the
+    ties at the k-th value)."""
+    n = len(logits)
+    if k >= n:
+        return np.argsort(-logits, kind="stable")
+    kth = np.partition(logits, n - k)[n - k]  # the k-th greatest value
+    above = np.flatnonzero(logits > kth)
+    best = np.concatenate([above, np.flatnonzero(logits == kth)[: k - len(above)]])
+    return best[np.lexsort((best, -logits[best]))]
 
 
 def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float,
                   candidates: int = CANDIDATES) -> np.ndarray:
-    """Mask (to -inf) tokens outside top-k, the top-p nucleus and the min-p floor of one row;
-    ties keep the lower token id."""
-    unnormalized = np.exp(logits - logits.max())
-    total = unnormalized.sum()
+    """Mask (to -inf) what vLLM's filters drop from one row of logits / temperature: min-p keeps the
+    tokens whose probability is at least min_p times the top one's, top-k the first top_k of the
+    ranking (value, then lower id), top-p the tokens of what those two kept whose renormalized mass
+    ranked before them is below top_p (the top token always stays). Each keeps a prefix of the
+    ranking.
+
+    The ranking covers only the best `candidates` tokens unless what min-p and top-k keep reaches
+    past them and either the top-k or the nucleus does too (then the whole row is sorted)."""
+    weights = np.exp(logits - logits.max())  # p / p_max
+    keep_min_p = weights >= min_p
     if top_k <= 0 and top_p >= 1.0:
-        return np.where(unnormalized >= min_p, logits, -np.inf)
+        return np.where(keep_min_p, logits, -np.inf)
     k = min(candidates, len(logits))
-    order = np.argpartition(-logits, k - 1)[:k] if k < len(logits) else np.arange(len(logits))
-    order = order[np.lexsort((order, -logits[order]))]  # by value, then lower id first
-    probs = unnormalized[order] / total
-    covered = 0 < top_k <= k or (top_p < 1.0 and probs.sum() >= top_p)
-    if not covered:
-        order = np.argsort(-logits, kind="stable")
-        probs = unnormalized[order] / total
-    kept = order[_keep_ranked(probs, top_k, top_p, min_p)]
+    order = ranking(logits, k)
+    in_top_k = (np.arange(k) < top_k) if top_k > 0 else np.ones(k, dtype=bool)
+    kept_mass = weights[order][in_top_k & keep_min_p[order]].sum(dtype=np.float64)
+    inside = 0 < top_k <= k or not keep_min_p[order[-1]] or k == len(logits)  # min-p and top-k end in it
+    mass = kept_mass if inside else weights[keep_min_p].sum(dtype=np.float64)  # top-k off where not inside
+    covered = (inside or top_k <= 0) and (top_p >= 1.0 or kept_mass >= top_p * mass)
+    if not covered:  # the whole row: top-k past the candidates, or a wide nucleus
+        order = ranking(logits, len(logits))
+        in_top_k = (np.arange(len(order)) < top_k) if top_k > 0 else np.ones(len(order), dtype=bool)
+        mass = weights[order][in_top_k & keep_min_p[order]].sum(dtype=np.float64)
+    keep = in_top_k & keep_min_p[order]
+    if top_p < 1.0:
+        # keep a token while the kept weight strictly before it is below top_p of the kept weight
+        ranked = weights[order].astype(np.float64)  # sums in float64: a float32 cumsum drifts
+        keep &= (np.cumsum(ranked) - ranked) < top_p * mass
+        keep[0] = True  # the top token always stays (min-p keeps it too)
+    kept = order[keep]
     out = np.full_like(logits, -np.inf)
     out[kept] = logits[kept]
     return out

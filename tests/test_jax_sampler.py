@@ -180,3 +180,136 @@ def test_filters_keep_lower_ids_among_tied_logits(candidates):
     for row in range(6):
         expected = ref.filter_logits(logits[row], top_k[row], top_p[row], 0.0)
         np.testing.assert_array_equal(kept[row], np.isfinite(expected), err_msg=f"row {row}")
+
+
+def vllm_kept(logits: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Which tokens of one row of logits / temperature vLLM's v1 sampler can draw, written after it in
+    float64 numpy: Sampler.sample runs the min-p logits processor (a token whose probability is below
+    min_p times the top one's goes to -inf), then apply_top_k_top_p: sort ascending, top-k masks all
+    but the last top_k, top-p takes the softmax of what is left and masks where its ascending
+    cumulative sum is <= 1 - top_p, never the last (the top token). Among ties the lower id ranks
+    higher: it sorts after the higher ids (vLLM's Triton top-k/top-p kernel keeps a tie group's
+    first ids)."""
+    x = logits.astype(np.float64)
+    n = len(x)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    x = np.where(probs < min_p * probs.max(), -np.inf, x)
+    order = np.lexsort((-np.arange(n), x))  # ascending value, then descending id
+    ranked = x[order]
+    if 0 < top_k < n:
+        ranked[: n - top_k] = -np.inf
+    if top_p < 1.0:
+        p = np.exp(ranked - ranked.max())
+        p /= p.sum()
+        mask = np.cumsum(p) <= 1 - top_p
+        mask[-1] = False
+        ranked[mask] = -np.inf
+    kept = np.zeros(n, bool)
+    kept[order] = np.isfinite(ranked)
+    return kept
+
+
+def jax_kept(logits: np.ndarray, top_k, top_p, min_p, candidates: int) -> np.ndarray:
+    rows = len(logits)
+    s = device_inputs(batch(rows, temperature=[1.0] * rows, top_k=top_k, top_p=top_p, min_p=min_p), np.ones(rows))
+    return np.asarray(jax.jit(kept_weights, static_argnums=2)(jnp.asarray(logits), s, candidates)) > 0
+
+
+def test_top_p_renormalizes_over_what_min_p_and_top_k_keep():
+    """vLLM (and HF's TopK -> TopP warpers) take the nucleus of the distribution the earlier filters
+    left, renormalized: top_k=2 of [.35, .3, .2, .15] is [.54, .46], so top_p=0.5 keeps only the
+    first; min_p=0.3 of [.4, .3, .2, .1] keeps three, [.44, .33, .22], so top_p=0.75 keeps two."""
+    logits = np.log(np.array([[0.35, 0.30, 0.20, 0.15], [0.4, 0.3, 0.2, 0.1]])).astype(np.float32)
+    top_k, top_p, min_p = [2, 0], [0.5, 0.75], [0.0, 0.3]
+    expected = np.array([[True, False, False, False], [True, True, False, False]])
+    for row in range(2):
+        np.testing.assert_array_equal(vllm_kept(logits[row], top_k[row], top_p[row], min_p[row]), expected[row])
+        np.testing.assert_array_equal(np.isfinite(ref.filter_logits(logits[row], top_k[row], top_p[row], min_p[row])),
+                                      expected[row])
+    for candidates in (4, 2):  # 2: the min-p row's nucleus is found over the whole row
+        np.testing.assert_array_equal(jax_kept(logits, top_k, top_p, min_p, candidates), expected)
+
+
+@pytest.mark.parametrize("candidates", [VOCAB, 8])  # 8: wide top-k, min-p and nuclei reach past the candidates
+def test_filters_match_vllm_reference(candidates):
+    """Both samplers keep exactly the tokens vLLM's order and semantics keep, over every token of
+    rows with random logits (half of them with many exact ties, -0.0 among them) and every
+    combination of filters. The top_p values are exact in binary: a nucleus that ends exactly on a
+    tie group (p times its size an integer) then ends alike in float32 and in the float64 reference."""
+    rng = np.random.default_rng(3)
+    rows = 96
+    logits = (rng.standard_normal((rows, VOCAB)) * rng.choice([0.5, 2.0, 4.0], (rows, 1))).astype(np.float32)
+    logits[::2] = np.round(logits[::2] * 2) / 2  # ties
+    logits[::6] = np.where(logits[::6] == 0, -0.0, logits[::6])  # -0.0 ties 0.0
+    top_k = rng.choice([0, 1, 2, 5, 12, 30, 63], rows)
+    top_p = rng.choice([1.0, 0.9921875, 0.9375, 0.75, 0.5, 0.25], rows).astype(np.float32)
+    min_p = rng.choice([0.0, 0.0, 0.01, 0.05, 0.3], rows).astype(np.float32)
+    kept = jax_kept(logits, top_k, top_p, min_p, candidates)
+    for row in range(rows):
+        args = int(top_k[row]), float(top_p[row]), float(min_p[row])
+        expected = vllm_kept(logits[row], *args)
+        np.testing.assert_array_equal(np.isfinite(ref.filter_logits(logits[row], *args, candidates)), expected,
+                                      err_msg=f"numpy sampler, row {row}, (top_k, top_p, min_p) = {args}")
+        np.testing.assert_array_equal(kept[row], expected, err_msg=f"JAX sampler, row {row}, {args}")
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(5, 0.9, 0.0), (0, 0.9, 0.1), (4, 0.8, 0.1), (0, 1.0, 0.25)])
+def test_draws_follow_the_vllm_kept_distribution(top_k, top_p, min_p):
+    """Many seeded draws (temperature 0.7) of one row: both samplers draw exactly the tokens the
+    reference keeps, each about as often as its renormalized probability."""
+    rng = np.random.default_rng(4)
+    vocab, n, temperature = 12, 3000, 0.7
+    row = (rng.standard_normal(vocab) * 0.8).astype(np.float32)
+    scaled = row / np.float32(temperature)
+    kept = vllm_kept(scaled, top_k, top_p, min_p)
+    probs = np.where(kept, np.exp(scaled.astype(np.float64) - scaled.max()), 0.0)
+    probs /= probs.sum()
+    sb = batch(n, temperature=[temperature] * n, top_k=[top_k] * n, top_p=[top_p] * n, min_p=[min_p] * n,
+               seeds=np.arange(n), prompt_lens=[1] * n)
+    logits = np.tile(row, (n, 1))
+    contexts = [np.array([1, 2], np.int32)] * n
+    host = ref.sample(logits, sb, np.full(n, 2), contexts).token_ids
+    device = run(logits, sb, contexts).token_ids
+    for name, tokens in (("numpy", host), ("jax", device)):
+        counts = np.bincount(tokens, minlength=vocab)
+        np.testing.assert_array_equal(counts > 0, kept, err_msg=f"{name} sampler drew outside the kept set")
+        assert (np.abs(counts - probs * n) < 5 * np.sqrt(probs * n) + 2).all(), (name, counts, probs * n)
+
+
+def test_top_k_ties_past_the_candidates_keep_lower_ids():
+    """Many exact ties across the CANDIDATES-th value: the numpy sampler's candidate pick keeps the
+    lower ids of the tie (it kept arbitrary ones), as the JAX sampler and the reference do."""
+    rng = np.random.default_rng(5)
+    vocab, k = 600, 256
+    logits = (np.round(rng.standard_normal((1, vocab)) * 3) + 0.5).astype(np.float32)
+    expected = vllm_kept(logits[0], k, 1.0, 0.0)
+    assert expected.sum() == k
+    np.testing.assert_array_equal(np.isfinite(ref.filter_logits(logits[0], k, 1.0, 0.0)), expected)
+    np.testing.assert_array_equal(jax_kept(logits, [k], [1.0], [0.0], sampler.CANDIDATES)[0], expected)
+    for top_p in (0.9, 0.999):  # a nucleus over the tie group, among the candidates or by bisection
+        expected = vllm_kept(logits[0], k, top_p, 0.0)
+        np.testing.assert_array_equal(np.isfinite(ref.filter_logits(logits[0], k, top_p, 0.0)), expected)
+        np.testing.assert_array_equal(jax_kept(logits, [k], [top_p], [0.0], sampler.CANDIDATES)[0], expected)
+
+
+def test_sampling_always_returns_an_id_of_the_row():
+    """Rows without a distribution to draw from (weights that all round to 0 or overflow at extreme
+    temperatures, every logit -inf) get the row's argmax, never an id past the vocabulary."""
+    vocab = 1000
+    rng = np.random.default_rng(0)
+    temperatures = [1e-30, 1e-38, 1e-44, np.inf]
+    filters = dict(top_k=[0, 5, 0, 0], top_p=[1.0, 1.0, 0.5, 1.0], min_p=[0.0, 0.0, 0.0, 0.1])
+    rows = len(temperatures) * 4  # every temperature with no filter, top-k, top-p and min-p
+    logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    logits[-1] = -np.inf  # e.g. every id banned
+    contexts = [np.arange(5, dtype=np.int32)] * rows
+    sb = batch(rows, temperature=np.repeat(temperatures, 4), seeds=np.arange(rows),
+               **{name: np.tile(values, len(temperatures)) for name, values in filters.items()})
+    tokens = run(logits, sb, contexts).token_ids
+    assert ((tokens >= 0) & (tokens < vocab)).all(), tokens
+    tiny = sb.temperature < 1  # the limit of a vanishing temperature
+    np.testing.assert_array_equal(tokens[tiny], np.argmax(logits[tiny], -1))
+    with np.errstate(all="ignore"):  # inf - inf and the like: no distribution
+        host = ref.sample(logits, sb, np.full(rows, 5), contexts).token_ids
+    assert host[-1] == tokens[-1] == 0

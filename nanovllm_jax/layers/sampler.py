@@ -1,8 +1,9 @@
 """On-device sampling with per-row parameters (same semantics as backends/sampler.py).
 
 Order: logprobs from the raw logits; repetition / frequency / presence penalties; banned ids;
-then greedy (temperature 0) or temperature, top-k, top-p, min-p and an inverse-CDF draw with
-uniforms keyed by fold_in(PRNGKey(seed), context_len), so a row samples alike in any batch.
+then greedy (temperature 0) or, as vLLM's v1 sampler: temperature, min-p, top-k, then top-p over
+the distribution that min-p and top-k kept, renormalized; then an inverse-CDF draw with uniforms
+keyed by fold_in(PRNGKey(seed), context_len), so a row samples alike in any batch.
 The costly parts (penalty counts, the top-k/top-p ranking, log_softmax + top-N) sit behind
 lax.cond, on host-computed step flags or on the rows' parameters, with one compiled program per
 bucket. Every cond returns per-row arrays only: XLA copies a vocabulary-sized cond result.
@@ -89,13 +90,16 @@ def argmax(blocks: jax.Array, block_max: jax.Array) -> jax.Array:
     return block * blocks.shape[-1] + jnp.argmax(inside, axis=-1).astype(jnp.int32)
 
 
-def _rank_cutoff(values: jax.Array, ids: jax.Array, probs: jax.Array, s: SamplingInputs) -> tuple[jax.Array, jax.Array]:
-    """The last (value, id) that top-k and top-p keep of rows ranked in descending order [S, K].
-    Both keep a prefix of the ranking, so this pair describes the kept set."""
-    rank = jnp.arange(probs.shape[-1])[None, :]
+def _rank_cutoff(values: jax.Array, ids: jax.Array, weights: jax.Array, s: SamplingInputs,
+                 nucleus: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The last (value, id) that top-k and top-p keep of rows ranked in descending order [S, K],
+    with unnormalized `weights`; a token is in the nucleus while the weight ranked before it is
+    below `nucleus` [S] (top_p times the weight min-p and top-k keep). Both keep a prefix of the
+    ranking, so this pair describes the kept set."""
+    rank = jnp.arange(weights.shape[-1])[None, :]
     keep = (s.top_k[:, None] <= 0) | (rank < s.top_k[:, None])
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before the token
-    keep &= (s.top_p[:, None] >= 1.0) | (before < s.top_p[:, None])
+    before = jnp.cumsum(weights, axis=-1) - weights  # weight strictly before the token
+    keep &= (s.top_p[:, None] >= 1.0) | (before < nucleus[:, None])
     last = jnp.maximum(keep.sum(axis=-1, keepdims=True) - 1, 0)
     return jnp.take_along_axis(values, last, axis=-1)[:, 0], jnp.take_along_axis(ids, last, axis=-1)[:, 0]
 
@@ -116,11 +120,14 @@ def _nth_match(match: jax.Array, n: jax.Array) -> jax.Array:
     return block * blocks.shape[-1] + jnp.sum(inside < n[:, None], axis=-1).astype(jnp.int32)
 
 
-def _bisect_cutoff(scaled: jax.Array, probs: jax.Array, s: SamplingInputs) -> tuple[jax.Array, jax.Array]:
-    """The last (value, id) that top-k and top-p keep of whole rows [S, V], without a sort (which
-    costs ~70 ms per 262k row on CPU): the cutoff value by bisection over order-preserving integer
-    keys (32 passes; the least key whose strictly-greater mass, or count, stays below top_p, or
-    top_k), then how many of its ties the ranking's lower-id-first order keeps, and their last id."""
+def _bisect_cutoff(scaled: jax.Array, weights: jax.Array, min_p_mass: jax.Array,
+                   s: SamplingInputs) -> tuple[jax.Array, jax.Array]:
+    """The last (value, id) that top-k and top-p keep of whole rows [S, V] with unnormalized
+    `weights`, without a sort (which costs ~70 ms per 262k row on CPU): the cutoff value by bisection
+    over order-preserving integer keys (32 passes; the least key whose strictly-greater count, or
+    weight, stays below top_k, or top_p times the weight that min-p and top-k keep: `min_p_mass`
+    [S] where top-k is off), then how many of its ties the ranking's lower-id-first order keeps,
+    and their last id."""
     keys = _order_keys(scaled)
     p, k = s.top_p, s.top_k
 
@@ -138,15 +145,25 @@ def _bisect_cutoff(scaled: jax.Array, probs: jax.Array, s: SamplingInputs) -> tu
     def unused(_):
         return jnp.full_like(p, 0xFFFFFFFF, jnp.uint32)
 
-    key_p = jax.lax.cond(jnp.any(p < 1.0), lambda _: least_key(
-        lambda key: jnp.where(keys > key, probs, 0.0).sum(axis=-1), p), unused, None)
     key_k = jax.lax.cond(jnp.any(k > 0), lambda _: least_key(lambda key: (keys > key).sum(axis=-1), k), unused, None)
-    tie_p, tie_k = keys == key_p[:, None], keys == key_k[:, None]
-    mass_before = jnp.where(keys > key_p[:, None], probs, 0.0).sum(axis=-1)
-    tie_prob = jnp.where(tie_p, probs, 0.0).max(axis=-1)
-    # the ties whose mass before them stays below top_p; the top_k minus the tokens ranked above
-    n_p = jnp.clip(jnp.ceil((p - mass_before) / tie_prob), 1, tie_p.sum(axis=-1)).astype(jnp.int32)
-    n_k = jnp.clip(k - (keys > key_k[:, None]).sum(axis=-1), 1, tie_k.sum(axis=-1)).astype(jnp.int32)
+    tie_k, above_k = keys == key_k[:, None], keys > key_k[:, None]
+    # the top_k minus the tokens ranked above
+    n_k = jnp.clip(k - above_k.sum(axis=-1), 1, tie_k.sum(axis=-1)).astype(jnp.int32)
+
+    def top_k_mass(_):  # the weight of the top-k tokens that min-p keeps (ties have one weight)
+        tie_weight = jnp.where(tie_k, weights, 0.0).max(axis=-1)
+        above = jnp.where(above_k & (weights >= s.min_p[:, None]), weights, 0.0).sum(axis=-1)
+        return jnp.where(k > 0, above + jnp.where(tie_weight >= s.min_p, n_k * tie_weight, 0.0), min_p_mass)
+
+    # top_p of the weight that min-p and top-k keep
+    nucleus = p * jax.lax.cond(jnp.any((k > 0) & (p < 1.0)), top_k_mass, lambda _: min_p_mass, None)
+    key_p = jax.lax.cond(jnp.any(p < 1.0), lambda _: least_key(
+        lambda key: jnp.where(keys > key, weights, 0.0).sum(axis=-1), nucleus), unused, None)
+    tie_p = keys == key_p[:, None]
+    weight_before = jnp.where(keys > key_p[:, None], weights, 0.0).sum(axis=-1)
+    tie_weight = jnp.where(tie_p, weights, 0.0).max(axis=-1)
+    # the ties whose weight before them stays below the nucleus
+    n_p = jnp.clip(jnp.ceil((nucleus - weight_before) / tie_weight), 1, tie_p.sum(axis=-1)).astype(jnp.int32)
     # the cutoff that comes first in the ranking wins: the greater key, or fewer of the same ties
     p_first = (k <= 0) | ((p < 1.0) & ((key_p > key_k) | ((key_p == key_k) & (n_p <= n_k))))
     cut_id = _nth_match(jnp.where(p_first[:, None], tie_p, tie_k), jnp.where(p_first, n_p, n_k))
@@ -173,30 +190,48 @@ class Cutoff(NamedTuple):
 
 def filter_cutoff(logits: jax.Array, temperature: jax.Array, top: jax.Array, s: SamplingInputs,
                   candidates: int = CANDIDATES) -> Cutoff:
-    """top-k, top-p and min-p over logits / temperature [S, 1], whose row maxima are `top` [S, 1], as a
-    Cutoff; ties keep the lower token id.
+    """min-p, top-k and top-p over logits / temperature [S, 1], whose row maxima are `top` [S, 1], as a
+    Cutoff; ties keep the lower token id. As in vLLM, min-p keeps the tokens whose probability is at
+    least min_p times the top one's, top-k the first top_k of the ranking (value, then lower id),
+    and top-p the tokens of what those two kept whose renormalized mass ranked before them is below
+    top_p (so at least the top token). Each keeps a prefix of the ranking.
 
     Rows with top-k/top-p get a cutoff (the last kept value and id) from the best `candidates`
-    tokens, or by bisection over the whole row when its top-k exceeds them or its nucleus is not
-    inside them. The branches return only the [S] cutoffs: a vocabulary-sized cond output
-    would cost a copy every step. The cut is compared as a weight exp(value - top), the same
-    rounding as each token's own weight. The conds get the logits, not the scaled copy: an operand
-    of a cond is materialized, and the logits already are."""
+    tokens, or by bisection over the whole row when what min-p and top-k keep reaches past them
+    and either its top-k exceeds them or its nucleus is not inside them. The branches return only
+    the [S] cutoffs: a vocabulary-sized cond output would cost a copy every step. The cut is
+    compared as a weight exp(value - top), the same rounding as each token's own weight. The conds
+    get the logits, not the scaled copy: an operand of a cond is materialized, and the logits
+    already are."""
     rows, vocab = logits.shape
     ranks = ((s.top_k > 0) | (s.top_p < 1.0)) & (s.temperature > 0)
 
     def ranked(_):
         scaled = logits / temperature
-        total = jnp.exp(scaled - top).sum(axis=-1, keepdims=True)
-        k = min(candidates, vocab)
-        values, ids = jax.lax.top_k(scaled, k)
-        probs = jnp.exp(values - top) / total
-        covered = ((s.top_k > 0) & (s.top_k <= k)) | ((s.top_p < 1.0) & (probs.sum(axis=-1) >= s.top_p))
+        scaled = jnp.where(scaled == 0.0, 0.0, scaled)  # -0.0 ties 0.0: one key, one rank by id
+        min_p = s.min_p[:, None]
 
-        from_candidates = _rank_cutoff(values, ids, probs, s)
+        def weights():  # w = p / p_max, so min-p keeps w >= min_p; recomputed where used, never stored
+            return jnp.exp(scaled - top)
+
+        k = min(candidates, vocab)
+        # the weight min-p keeps of the whole row: the nucleus's base where top-k is off
+        min_p_mass = jax.lax.cond(
+            jnp.any(ranks & (s.top_k <= 0)),
+            lambda _: jnp.where(weights() >= min_p, weights(), 0.0).sum(axis=-1), lambda _: s.min_p * 0.0, None)
+        values, ids = jax.lax.top_k(scaled, k)
+        w = jnp.exp(values - top)
+        in_top_k = (s.top_k[:, None] <= 0) | (jnp.arange(k)[None, :] < s.top_k[:, None])
+        kept_mass = jnp.where(in_top_k & (w >= min_p), w, 0.0).sum(axis=-1)
+        # what min-p and top-k keep ends among the candidates (a tie of the last one has its weight)
+        inside = ((s.top_k > 0) & (s.top_k <= k)) | (w[:, -1] < s.min_p) | (k == vocab)
+        nucleus = s.top_p * jnp.where(inside, kept_mass, min_p_mass)
+        covered = (inside | (s.top_k <= 0)) & ((s.top_p >= 1.0) | (kept_mass >= nucleus))
+
+        from_candidates = _rank_cutoff(values, ids, w, s, nucleus)
 
         def from_whole_rows(_):  # per row, so a covered row cuts alike in any batch
-            whole = _bisect_cutoff(scaled, jnp.exp(scaled - top) / total, s)
+            whole = _bisect_cutoff(scaled, weights(), min_p_mass, s)
             return tuple(jnp.where(covered, a, b) for a, b in zip(from_candidates, whole))
 
         return jax.lax.cond(jnp.any(ranks & ~covered), from_whole_rows, lambda _: from_candidates, None)
@@ -210,9 +245,14 @@ def filter_cutoff(logits: jax.Array, temperature: jax.Array, top: jax.Array, s: 
     return Cutoff(top, cut, cut_id, s.min_p[:, None])
 
 
-def draw(blocks: jax.Array, temperature: jax.Array, cutoff: Cutoff, uniforms: jax.Array) -> jax.Array:
+def draw(blocks: jax.Array, temperature: jax.Array, cutoff: Cutoff, uniforms: jax.Array,
+         fallback: jax.Array | None = None) -> jax.Array:
     """One token per row, with probability proportional to the kept weights of logits / temperature
     [S, 1] (given as vocab_blocks), by inverse CDF at uniforms [S, 2] in [0, 1).
+
+    Always an id of the row: where the kept weights have no positive finite sum (every logit -inf,
+    a NaN, or a temperature so extreme that every weight rounds to 0 or overflows) there is no
+    distribution to draw from, and `fallback` [S] (default: the row's argmax) stands in.
 
     The first uniform picks a block by block mass, the second a token inside that block by its mass
     there: O(V) work with short cumulative sums. Neither the scaled logits nor the weights are
@@ -235,10 +275,19 @@ def draw(blocks: jax.Array, temperature: jax.Array, cutoff: Cutoff, uniforms: ja
 
     filters = jnp.any((cutoff.cut > 0) | (cutoff.min_p > 0))
     block_mass = jax.lax.cond(filters, filtered_mass, plain_mass, None)
-    block = pick(jnp.cumsum(block_mass, axis=-1), uniforms[:, 0])
+    block_cumulative = jnp.cumsum(block_mass, axis=-1)
+    block = pick(block_cumulative, uniforms[:, 0])
     inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0] / temperature
     inside_ids = block[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None, :]
-    return block * width + pick(jnp.cumsum(cutoff.weights(inside, inside_ids), axis=-1), uniforms[:, 1])
+    inside_cumulative = jnp.cumsum(cutoff.weights(inside, inside_ids), axis=-1)
+    token = block * width + pick(inside_cumulative, uniforms[:, 1])
+    # a positive finite total keeps each pick inside its row (the block's own sum is checked too:
+    # it is recomputed apart from the block masses)
+    totals = jnp.stack([block_cumulative[:, -1], inside_cumulative[:, -1]], axis=-1)
+    drawable = jnp.all((totals > 0) & (totals < jnp.inf), axis=-1)
+    if fallback is None:
+        fallback = argmax(blocks, blocks.max(axis=-1))
+    return jnp.where(drawable, token, fallback)
 
 
 def _uniforms(seed: jax.Array, context_len: jax.Array) -> jax.Array:
@@ -271,7 +320,7 @@ def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn, adjust: boo
         temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
         top = block_max.max(axis=-1, keepdims=True) / temperature  # = max(logits / t): division is monotonic
         cutoff = filter_cutoff(logits, temperature, top, s)
-        tokens = draw(blocks, temperature, cutoff, jax.vmap(_uniforms)(s.seeds, s.context_lens))
+        tokens = draw(blocks, temperature, cutoff, jax.vmap(_uniforms)(s.seeds, s.context_lens), greedy)
         return jnp.where(s.temperature > 0, tokens, greedy)
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda _: greedy, None)
