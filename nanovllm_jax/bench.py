@@ -19,6 +19,9 @@ from typing import Callable
 
 import numpy as np
 
+from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.sampling_params import SamplingParams
+
 CACHE = Path.home() / ".cache" / "nanovllm_jax"
 
 
@@ -90,7 +93,7 @@ Run = Callable[[], dict]  # one timed pass of the workload through an already wa
 
 
 def start_engine(backend: str, model: str | None, workload: Workload, args, counter: CompileCounter) -> Run:
-    from nanovllm_jax import LLM, SamplingParams
+    from nanovllm_jax import LLM
 
     start = time.perf_counter()
     llm = LLM(model, backend=backend, **engine_kwargs(args))
@@ -253,6 +256,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--rounds must be >= 1")
     if args.compare and args.backend == ["mock"]:
         p.error("--compare hf needs a real model (backend jax or onnx)")
+    try:  # the engine's and the sampler's own checks, as usage errors before any model loads
+        EngineConfig.from_kwargs(None, "mock", **engine_kwargs(args))
+        SamplingParams(temperature=args.temperature)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 

@@ -46,7 +46,8 @@ def test_bench_workload_is_seeded():
 
 @pytest.mark.parametrize("argv", [["--backend", "tpu"], ["--min-input-len", "9", "--max-input-len", "3"],
                                   ["--backend", "mock", "--compare", "hf"], ["--rounds", "0"], ["--num-seqs", "0"],
-                                  ["--num-seqs", "-3"]])
+                                  ["--num-seqs", "-3"], ["--max-num-seqs", "0"], ["--max-num-batched-tokens", "-1"],
+                                  ["--block-size", "0"], ["--temperature", "-0.5"]])
 def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
