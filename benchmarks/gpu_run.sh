@@ -2,7 +2,8 @@
 # Everything in benchmarks/gpu-h200.md in one call on a lent GPU machine (run from the repo root;
 # logs and JSON land in $OUT; about 7 minutes on an H200 plus the machine's start):
 # kernel + parity checks, nano-vllm's workload (async scheduling, then the host waiting for every step),
-# decode-step times, a profile. (The pure-JAX path, 2169 tok/s, is `bench xla 1`: ~2 more minutes.)
+# decode-step times, a profile, a decode step with layers unrolled. (The pure-JAX path, 2169 tok/s,
+# is `bench xla 1`: ~2 more minutes.)
 # (benchmarks/gpu_kernel_sweep.py, which picked the kernel's launch settings, runs apart.)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
@@ -25,3 +26,7 @@ for context in 16 1024; do
     --context $context --json "$OUT/decode_step_ctx$context.json" 2>&1 | quiet | tail -1
 done
 timeout 90 python3 benchmarks/gpu_profile.py 1024 2>&1 | grep "ms/step" | head -16 | tee "$OUT/profile_ctx1024.log"
+# Layers unrolled instead of lax.scan: ~15 kernels per layer instead of 23 and no per-layer weight
+# copies, counted without a GPU (gpu_aot_census.py); stop 10 timed unrolled slower (5.7 vs 5.1 ms).
+timeout 90 python3 benchmarks/decode_step.py --dtype bfloat16 --batch-sizes 256 --max-model-len 2048 \
+  --context 16 --unroll --json "$OUT/decode_step_ctx16_unrolled.json" 2>&1 | quiet | tail -1
