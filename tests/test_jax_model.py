@@ -168,12 +168,14 @@ def test_paged_attention_matches_dense_reference(window, softcap, lens, new, til
 
 
 @pytest.mark.parametrize("window", [None, 9])
-def test_attention_kernel_variants_agree(window):
-    """Programs sharing a tile's keys (3 splits: uneven shares, some empty) and keys gathered row by
-    row give the output of one program gathering whole pages; a prefill chunk in one tile or in tiles
-    of one token each, too. GQA 6:2 (3 query heads per kv head, padded to 4 in the kernel)."""
+@pytest.mark.parametrize("bs,width", [(4, 16), (32, 2)])
+def test_attention_kernel_variants_agree(window, bs, width):
+    """Programs sharing a tile's keys (3 splits: uneven shares, some empty), keys gathered row by row
+    and pages read in parts (a key tile smaller than a page) give the output of one program reading
+    whole pages; a prefill chunk in one tile or in tiles of one token each, too. GQA 6:2 (3 query
+    heads per kv head, padded to 4 in the kernel)."""
     rng = np.random.default_rng(0)
-    kv, h, d, bs, width = 2, 6, 16, 4, 16
+    kv, h, d = 2, 6, 16
     lens, new = np.array([1, 4, 17, 40, 63]), np.array([1, 4, 1, 8, 1])  # two prefill chunks among decodes
     t = int(new.sum())
     seq_ids = np.repeat(np.arange(len(lens)), new).astype(np.int32)
@@ -192,7 +194,9 @@ def test_attention_kernel_variants_agree(window):
                                                  tuning=KernelTuning(split_below=1 << 30, **tuning)))
 
     one = attend(8, splits=1)
-    for tile, variant in ((8, dict(splits=3)), (8, dict(splits=1, row_gather=True)), (1, dict(splits=1))):
+    parts = dict(key_tile_bytes=16 * d * 4)  # 16 keys per iteration: half a 32-token page
+    for tile, variant in ((8, dict(splits=3)), (8, dict(splits=1, row_gather=True)), (1, dict(splits=1)),
+                          (8, parts | dict(splits=1)), (8, parts | dict(splits=3))):
         np.testing.assert_allclose(attend(tile, **variant), one, rtol=1e-5, atol=1e-6)
 
 
@@ -208,10 +212,12 @@ def _cuda_mlir(monkeypatch, fn, *args) -> str:
 
 @pytest.mark.parametrize("row_gather", [False, True])
 @pytest.mark.parametrize("heads", [16, 12])  # 2 query heads per kv head; 3, padded to 4
-def test_attention_kernel_lowers_to_triton(row_gather, heads, monkeypatch):
+@pytest.mark.parametrize("bs", [16, 256])  # 256: 64 KB pages, read a part per iteration
+def test_attention_kernel_lowers_to_triton(row_gather, heads, bs, monkeypatch):
     """The kernel as a GPU build would lower it (Pallas -> Triton IR), without a GPU: an op Triton
-    lowering lacks fails here rather than on a lent machine."""
-    t, kv, d, bs, width = 512, 4, 128, 16, 128
+    lowering lacks fails here rather than on a lent machine. (Whole pages of 256 tokens overflowed
+    an H200's shared memory in 64-row prefill tiles: found by compiling for one, gpu_aot_census.py.)"""
+    t, kv, d, width = 512, 4, 128, 2048 // bs
     tile = query_tile(t, 64, heads // kv, d)
     meta = AttentionMetadata(jnp.zeros(t, jnp.int32), jnp.zeros(t, jnp.int32), jnp.zeros(t, jnp.int32),
                              jnp.zeros((t, width), jnp.int32), block_size=bs, pages_per_chunk=8, query_tile=tile,

@@ -94,10 +94,13 @@ def paged_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     tile, tiles = meta.query_tile, meta.query_tiles
     splits = max(1, min(tuning.splits, tuning.split_below // (tiles.shape[0] * kv)))
     bs = meta.block_size
-    # A power of two no larger than pages_per_chunk (a power of two dividing the table width).
-    page_bytes = bs * d * k_cache.dtype.itemsize
-    pages = min(meta.pages_per_chunk, max(tuning.key_tile_bytes // page_bytes, MIN_DOT_ROWS // bs, 1))
+    # Keys per iteration: whole pages while they fit the key tile (a power of two of them, no more than
+    # pages_per_chunk, which divides the table width), else a part of one page (a power of two
+    # dividing it: large blocks would overflow shared memory).
+    tile_keys = max(tuning.key_tile_bytes // (d * k_cache.dtype.itemsize), MIN_DOT_ROWS)
+    pages = min(meta.pages_per_chunk, max(tile_keys // bs, 1))
     pages = 1 << (pages.bit_length() - 1)
+    chunk = pages * bs if tile_keys >= bs else 1 << (tile_keys.bit_length() - 1)
     blocks = slots // bs
     q = q.reshape(t, kv, g, d)
     if group != g:
@@ -114,7 +117,7 @@ def paged_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
     state_shapes = [(splits, t, kv, group), (splits, t, kv, group), (splits, t, kv, group, d)]
-    kernel = partial(_kernel, tile=tile, pages=pages, block_size=bs, blocks_per_head=blocks, splits=splits,
+    kernel = partial(_kernel, tile=tile, pages=pages, chunk=chunk, block_size=bs, blocks_per_head=blocks, splits=splits,
                      row_gather=tuning.row_gather, scale=scale, softcap=softcap)
     m, l, acc = pl.pallas_call(
         kernel,
@@ -134,10 +137,10 @@ def paged_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 
 def _kernel(tile_ref, layer_ref, q_ref, k_ref, v_ref, tables_ref, pos_ref, low_ref, m_ref, l_ref, acc_ref, *,
-            tile: int, pages: int, block_size: int, blocks_per_head: int, splits: int, row_gather: bool,
+            tile: int, pages: int, chunk: int, block_size: int, blocks_per_head: int, splits: int, row_gather: bool,
             scale: float, softcap: float | None):
     t, kv, group, d = q_ref.shape
-    rows, chunk = tile * group, pages * block_size
+    rows = tile * group
     start, count = tile_ref[0], tile_ref[1]
     window = jnp.minimum(start, t - tile)  # `tile` tokens from here hold the tile and stay inside the step
     head = pl.program_id(1)
@@ -153,7 +156,10 @@ def _kernel(tile_ref, layer_ref, q_ref, k_ref, v_ref, tables_ref, pos_ref, low_r
     head_first_page = (layer_ref[0] * kv + head) * blocks_per_head
 
     def visit(j, state):
-        if row_gather:
+        if chunk < block_size:  # a part of one page
+            page, offset = tables_ref[start, j * chunk // block_size] + head_first_page, j * chunk % block_size
+            keys, vals = k_ref[page, pl.ds(offset, chunk)], v_ref[page, pl.ds(offset, chunk)]
+        elif row_gather:
             key = jnp.arange(chunk, dtype=jnp.int32)
             page, offset = tables_ref[start, j * pages + key // block_size] + head_first_page, key % block_size
             keys, vals = k_ref[page, offset], v_ref[page, offset]
