@@ -27,18 +27,28 @@ _TOKENIZER_KEYS = {
     "add_space_prefix": "add_prefix_space",
 }
 
-# Gemma GGUFs converted from base checkpoints often carry no template; this is Gemma's turn format
-# (system text folded into the first user turn, assistant spoken as "model").
+# Gemma GGUFs converted from base checkpoints often carry no template; this is Gemma 3's turn format
+# (a leading system message folded into the first user turn, assistant spoken as "model"), content
+# given as a string or as a list of parts ({"type": "text", "text": ...} or {"type": "image"}).
 GEMMA_CHAT_TEMPLATE = (
+    "{% macro render(content) %}"
+    "{% if content is string %}{{ content | trim }}"
+    "{% else %}{% for part in content %}"
+    "{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endmacro %}"
     "{{ bos_token }}"
     "{% set ns = namespace(system='') %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] | trim + '\n\n' %}"
+    "{% if message['role'] == 'system' %}"
+    "{% set content = message['content'] %}"
+    "{% set ns.system = (content if content is string else content[0]['text']) + '\n\n' %}"
     "{% else %}"
     "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "<start_of_turn>{{ role }}\n"
     "{% if role == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
-    "{{ message['content'] | trim }}<end_of_turn>\n"
+    "{{ render(message['content']) }}<end_of_turn>\n"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"

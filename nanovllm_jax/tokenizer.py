@@ -22,12 +22,20 @@ class HFTokenizer:
     """A `tokenizers.Tokenizer` behind the protocol; EOS ids come from the model's configs."""
 
     def __init__(self, tokenizer: _HFTokenizer, eos_token_ids: list[int], bos_token_id: int | None = None,
-                 chat_template: str | None = None, skip_special_tokens: bool = True):
+                 chat_template: str | None = None, skip_special_tokens: bool = True,
+                 special_tokens: dict[str, str] | None = None):
         self._tok = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.bos_token_id = bos_token_id
         self.chat_template = chat_template
+        # the strings a chat template may name (bos_token, eos_token, unk_token, pad_token), as
+        # transformers passes them
+        self.special_tokens = dict(special_tokens or {})
+        if bos_token_id is not None:
+            self.special_tokens.setdefault("bos_token", tokenizer.id_to_token(bos_token_id))
+        if self.eos_token_ids:
+            self.special_tokens.setdefault("eos_token", tokenizer.id_to_token(self.eos_token_ids[0]))
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -44,7 +52,7 @@ class HFTokenizer:
 
         rendered, _ = render_jinja_template(
             conversations=[messages], chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-            bos_token=self._tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else "",
+            **{"bos_token": "", **self.special_tokens},
         )
         return rendered[0]
 
@@ -62,11 +70,11 @@ def load_tokenizer(model_dir: str | os.PathLike) -> HFTokenizer:
             tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)._tokenizer
         except Exception as e:  # noqa: BLE001 - any failure means no usable tokenizer here
             raise ValueError(f"no usable tokenizer in {model_dir}: {e}") from e
-    eos, bos, template = _special_ids(model_dir, tok)
-    return HFTokenizer(tok, eos, bos, template)
+    eos, bos, template, special_tokens = _special_ids(model_dir, tok)
+    return HFTokenizer(tok, eos, bos, template, special_tokens=special_tokens)
 
 
-def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | None, str | None]:
+def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | None, str | None, dict[str, str]]:
     def read(name: str) -> dict:
         path = model_dir / name
         return json.loads(path.read_text()) if path.exists() else {}
@@ -76,13 +84,19 @@ def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | N
     for source in (config, config.get("text_config", {}), gen_config):
         value = source.get("eos_token_id")
         eos += [value] if isinstance(value, int) else list(value or [])
-    eos_token = tok_config.get("eos_token")
-    if isinstance(eos_token, dict):
-        eos_token = eos_token.get("content")
-    if isinstance(eos_token, str) and tok.token_to_id(eos_token) is not None:
+    special_tokens = {}  # tokenizer_config's strings ("<eos>", or {"content": "<eos>", ...})
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = tok_config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special_tokens[name] = value
+    eos_token = special_tokens.get("eos_token")
+    if eos_token is not None and tok.token_to_id(eos_token) is not None:
         eos.append(tok.token_to_id(eos_token))
     bos = config.get("bos_token_id", gen_config.get("bos_token_id"))
+    if not isinstance(bos, int) and "bos_token" in special_tokens:
+        bos = tok.token_to_id(special_tokens["bos_token"])
     template = tok_config.get("chat_template")
     if template is None and (model_dir / "chat_template.jinja").exists():
         template = (model_dir / "chat_template.jinja").read_text()
-    return eos, bos if isinstance(bos, int) else None, template
+    return eos, bos if isinstance(bos, int) else None, template, special_tokens

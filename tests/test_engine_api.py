@@ -506,17 +506,18 @@ def test_reset_prefix_cache_forgets_cached_prompts_only_when_idle(llm):
 
 def test_chat_applies_the_model_chat_template(tmp_path):
     shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
-    template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    template = (  # eos_token closes assistant turns, as Llama 2 / Mistral templates do
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+        "{{ eos_token if m['role'] == 'assistant' else '' }}\n{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
     (tmp_path / "config.json").write_text("{}")
     llm = LLM(str(tmp_path), backend="mock")
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                     {"role": "user", "content": "more"}]
     (out,) = llm.chat(conversation, SamplingParams(max_tokens=3), use_tqdm=False)
-    assert out.prompt_token_ids == llm.tokenizer.encode("<user>hi\n<assistant>yo\n<user>more\n<assistant>")
+    assert out.prompt_token_ids == llm.tokenizer.encode("<user>hi\n<assistant>yo</s>\n<user>more\n<assistant>")
     with pytest.raises(ValueError, match="no chat template"):
         LLM(backend="mock").chat(conversation)
 

@@ -61,6 +61,15 @@ def test_real_tokenizer_ids_equal_transformers_gguf_tokenizer(real_gguf, real_di
     assert ours.bos_token_id == 2 and ours.vocab_size == 262144
     chat = ours.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert chat == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    # Gemma 3's turn format with a system message, and content as a list of parts (the OpenAI shape)
+    expected = ("<bos><start_of_turn>user\nBe brief.\n\nWhat is 2+2?<end_of_turn>\n"
+                "<start_of_turn>model\n4<end_of_turn>\n<start_of_turn>user\nAnd 3+3?<end_of_turn>\n"
+                "<start_of_turn>model\n")
+    for system in ("Be brief.", [{"type": "text", "text": "Be brief."}]):
+        conversation = [{"role": "system", "content": system},
+                        {"role": "user", "content": [{"type": "text", "text": " What is 2+2? "}]},
+                        {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+        assert ours.apply_chat_template(conversation) == expected
 
 
 def test_real_config_equals_transformers_gguf_config(real_gguf, real_dir):
