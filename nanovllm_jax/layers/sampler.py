@@ -171,8 +171,11 @@ def _bisect_cutoff(scaled: jax.Array, weights: jax.Array, min_p_mass: jax.Array,
 
 
 class Cutoff(NamedTuple):
-    """Which tokens of each row a filter keeps, as per-row scalars [S, 1]: a token with weight
-    w = exp(value - top) is kept when (w > cut or (w == cut and id <= cut_id)) and w >= min_p."""
+    """Which tokens of each row a filter keeps, as per-row scalars [S, 1]: a token whose scaled
+    logit (logits / temperature) is `value`, with weight w = exp(value - top), is kept when
+    (value > cut or (value == cut and id <= cut_id)) and w >= min_p. The cut is a scaled logit, not a
+    weight: a division rounds alike in every program, but exp is vectorized differently by batch
+    shape, and a cut weight one ulp off dropped the boundary token in some batches only."""
 
     top: jax.Array
     cut: jax.Array
@@ -184,7 +187,7 @@ class Cutoff(NamedTuple):
         def row(x):  # [S, 1] -> broadcastable to values
             return x.reshape(x.shape + (1,) * (values.ndim - 2))
         w = jnp.exp(values - row(self.top))
-        keep = (w > row(self.cut)) | ((w == row(self.cut)) & (ids <= row(self.cut_id)))
+        keep = (values > row(self.cut)) | ((values == row(self.cut)) & (ids <= row(self.cut_id)))
         return jnp.where(keep & (w >= row(self.min_p)), w, 0.0)
 
 
@@ -199,8 +202,7 @@ def filter_cutoff(logits: jax.Array, temperature: jax.Array, top: jax.Array, s: 
     Rows with top-k/top-p get a cutoff (the last kept value and id) from the best `candidates`
     tokens, or by bisection over the whole row when what min-p and top-k keep reaches past them
     and either its top-k exceeds them or its nucleus is not inside them. The branches return only
-    the [S] cutoffs: a vocabulary-sized cond output would cost a copy every step. The cut is
-    compared as a weight exp(value - top), the same rounding as each token's own weight. The conds
+    the [S] cutoffs: a vocabulary-sized cond output would cost a copy every step. The conds
     get the logits, not the scaled copy: an operand of a cond is materialized, and the logits
     already are."""
     rows, vocab = logits.shape
@@ -240,7 +242,7 @@ def filter_cutoff(logits: jax.Array, temperature: jax.Array, top: jax.Array, s: 
         return jnp.full((rows,), -jnp.inf, logits.dtype), jnp.full((rows,), vocab, jnp.int32)
 
     cut_value, cut_id = jax.lax.cond(jnp.any(ranks), ranked, unranked, None)
-    cut = jnp.where(ranks, jnp.exp(cut_value - top[:, 0]), 0.0)[:, None]
+    cut = jnp.where(ranks, cut_value, -jnp.inf)[:, None]
     cut_id = jnp.where(ranks, cut_id, vocab)[:, None]
     return Cutoff(top, cut, cut_id, s.min_p[:, None])
 
@@ -270,10 +272,10 @@ def draw(blocks: jax.Array, temperature: jax.Array, cutoff: Cutoff, uniforms: ja
     def filtered_mass(_):
         return cutoff.weights(blocks / temperature[:, :, None], ids).sum(axis=-1)
 
-    def plain_mass(_):  # the same weights where no row filters (w > 0 = cut, w >= 0 = min_p): 4x cheaper
+    def plain_mass(_):  # the same weights where no row filters (no cut, w >= 0 = min_p): 4x cheaper
         return jnp.exp(blocks / temperature[:, :, None] - cutoff.top[:, :, None]).sum(axis=-1)
 
-    filters = jnp.any((cutoff.cut > 0) | (cutoff.min_p > 0))
+    filters = jnp.any((cutoff.cut > -jnp.inf) | (cutoff.min_p > 0))
     block_mass = jax.lax.cond(filters, filtered_mass, plain_mass, None)
     block_cumulative = jnp.cumsum(block_mass, axis=-1)
     block = pick(block_cumulative, uniforms[:, 0])
