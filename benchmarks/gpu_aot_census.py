@@ -20,7 +20,6 @@ import os
 os.environ.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="-1", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")
 
 import argparse  # noqa: E402
-import math  # noqa: E402
 import re  # noqa: E402
 from collections import Counter  # noqa: E402
 from functools import partial  # noqa: E402
@@ -32,10 +31,9 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from nanovllm_jax import jax_runner  # noqa: E402
-from nanovllm_jax.layers import attention_kernel  # noqa: E402
 from nanovllm_jax.models import gemma3, llama  # noqa: E402
 from nanovllm_jax.random_models import RANDOM_CONFIGS  # noqa: E402
-from nanovllm_jax.step_packing import SeqLayout, StepLayout  # noqa: E402
+from nanovllm_jax.step_packing import SeqLayout  # noqa: E402
 
 # The H200's device description as XLA's GPU compiler reads it (GH100: sm_90, 132 SMs).
 H200 = """gpu_device_info {
@@ -78,12 +76,9 @@ def model_shapes(name: str):
 
 def forward_hlo(module, cfg, params, tokens: int, seqs: int, slots: int) -> str:
     """The optimized HLO of the runner's forward program for a (tokens, seqs) bucket, as on an H200."""
-    tiling = jax_runner.TILINGS["gpu"]
-    token_block = math.gcd(tokens, tiling.token_block)
-    pages = min(tiling.max_chunk_tokens // 16, max(1, tiling.chunk_budget // token_block // 16))
-    tile = attention_kernel.query_tile(tokens, seqs, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
-    layout = StepLayout(tokens, SeqLayout(seqs, 256, 16, 16), 1 << (pages.bit_length() - 1), slots, token_block,
-                        math.gcd(tokens, tiling.new_block), tile)
+    tiling = jax_runner.TILINGS["gpu"]  # 16-token blocks, tables of 256 (4096-token sequences)
+    layout = jax_runner.step_layout(tiling, cfg, SeqLayout(seqs, 256, 16, 16), tokens, tiling.max_chunk_tokens // 16,
+                                    slots)
     mesh = topologies.make_mesh(topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H200),
                                 (1,), ("x",))
     on_gpu = NamedSharding(mesh, PartitionSpec())

@@ -72,6 +72,17 @@ def tiling_for(platform: str) -> Tiling:
     return replace(tiling, kernel=choice == "pallas") if choice else tiling
 
 
+def step_layout(tiling: Tiling, model_config, seq: SeqLayout, tokens: int, max_pages_per_chunk: int,
+                num_slots: int) -> StepLayout:
+    """The packed layout and attention tiling of a `tokens`-token step whose sequence section is `seq`."""
+    token_block = math.gcd(tokens, tiling.token_block)
+    pages = min(max_pages_per_chunk, max(1, tiling.chunk_budget // token_block // seq.block_size))
+    pages = 1 << (pages.bit_length() - 1)  # a power of two, so it divides the table width
+    mc = model_config
+    tile = query_tile(tokens, seq.seqs, mc.num_heads // mc.num_kv_heads, mc.head_dim) if tiling.kernel else 0
+    return StepLayout(tokens, seq, pages, num_slots, token_block, math.gcd(tokens, tiling.new_block), tile)
+
+
 def enable_compilation_cache(cache_dir: str | None) -> str:
     """Turn on JAX's persistent compilation cache (process-wide; the first directory set wins)."""
     path = cache_dir or os.path.join(Path.home(), ".cache", "nanovllm_jax", "xla")
@@ -271,14 +282,8 @@ class JaxRunner:
     # ---- compilation ----------------------------------------------------------------------
 
     def _layout(self, tokens: int, banned: int) -> StepLayout:
-        tiling = self.tiling
-        token_block = math.gcd(tokens, tiling.token_block)
-        pages = min(self.max_pages_per_chunk, max(1, tiling.chunk_budget // token_block // self.block_size))
-        pages = 1 << (pages.bit_length() - 1)  # a power of two, so it divides table_width
         seq = SeqLayout(self._seq_bucket[tokens], self.table_width, banned, self.block_size)
-        mc = self.model_config
-        tile = query_tile(tokens, seq.seqs, mc.num_heads // mc.num_kv_heads, mc.head_dim) if tiling.kernel else 0
-        return StepLayout(tokens, seq, pages, self.num_slots, token_block, math.gcd(tokens, tiling.new_block), tile)
+        return step_layout(self.tiling, self.model_config, seq, tokens, self.max_pages_per_chunk, self.num_slots)
 
     def _programs(self, tokens: int, banned: int, adjust: bool):
         """(layout, forward program, sampler program) for a bucket, compiled ahead of time once.

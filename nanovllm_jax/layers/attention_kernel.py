@@ -183,9 +183,9 @@ def _kernel(tile_ref, layer_ref, q_ref, k_ref, v_ref, tables_ref, pos_ref, low_r
              jnp.zeros((rows, d), jnp.float32))
     first, end = low_ref[start] // chunk, jnp.where(count > 0, (first_pos + count + chunk - 1) // chunk, 0)
     per_split = (end - first + splits - 1) // splits
-    begin = first + pl.program_id(2) * per_split
-    m, l, acc = jax.lax.fori_loop(begin, jnp.minimum(begin + per_split, end), visit, state)
     split = pl.program_id(2)
+    begin = first + split * per_split
+    m, l, acc = jax.lax.fori_loop(begin, jnp.minimum(begin + per_split, end), visit, state)
     real = jnp.broadcast_to(mine[:, None], (tile, group))
     plgpu.store(m_ref.at[split, pl.ds(window, tile), head], m.reshape(tile, group), mask=real)
     plgpu.store(l_ref.at[split, pl.ds(window, tile), head], l.reshape(tile, group), mask=real)
