@@ -294,3 +294,58 @@ def test_a_kernel_that_fails_to_build_names_the_escape_hatch(model_dirs, xla_cac
     with pytest.raises(RuntimeError, match="NANOVLLM_JAX_ATTENTION=xla"):
         LLM(str(model_dirs["qwen3"]), backend="jax", compilation_cache_dir=xla_cache, max_num_seqs=8,
             max_num_batched_tokens=32)
+
+
+def random_request(rng: np.random.Generator, shared: list[int]) -> tuple[list[int], SamplingParams]:
+    prompt = shared[: rng.integers(1, len(shared))] if rng.random() < 0.5 else []
+    prompt = prompt + rng.integers(2, 1024, size=int(rng.integers(1 - bool(prompt), 40))).tolist()
+    features = dict(temperature=float(rng.choice([0.0, 0.6, 1.3])), seed=int(rng.integers(2**31)),
+                    max_tokens=int(rng.integers(1, 32)), ignore_eos=True)
+    for name, values in (("top_k", [5, 50]), ("top_p", [0.5, 0.9]), ("min_p", [0.05]), ("logprobs", [0, 3]),
+                         ("repetition_penalty", [1.3]), ("frequency_penalty", [0.4])):
+        if rng.random() < 0.3:
+            features[name] = values[rng.integers(len(values))]
+    return prompt, SamplingParams(**features)
+
+
+@pytest.mark.parametrize("setting", ["preemption", "chunked"])
+def test_random_arrivals_and_aborts_give_each_request_what_it_gets_alone(model_dirs, xla_cache, prompts, setting):
+    """Requests join at random steps of a running engine (async scheduling, preemption or chunked
+    prefill, prefix hits) and some are aborted: each finished one equals itself run alone, token for
+    token and in its logprobs, an aborted one is a prefix of that, and every block comes back."""
+    llm = engine(model_dirs, xla_cache, "qwen3", setting)
+    eng, rng = llm.engine, np.random.default_rng(17)
+    requests = [random_request(rng, prompts[-1]) for _ in range(16)]
+    arrivals = np.sort(rng.integers(0, 24, size=len(requests))).tolist()
+    preemptions, index_of, outputs, aborted, step = eng.scheduler.num_preemptions, {}, {}, set(), 0
+    while arrivals or eng.has_unfinished():
+        while arrivals and arrivals[0] <= step:
+            arrivals.pop(0)
+            index_of[eng.add_request(*requests[len(index_of)])] = len(index_of)
+        running = [rid for rid in index_of if rid not in outputs and rid not in aborted]
+        if running and rng.random() < 0.05:
+            victim = running[rng.integers(len(running))]
+            eng.abort(victim)
+            aborted.add(victim)
+        for delta in eng.step():
+            if delta.finished:
+                outputs[delta.request_id] = eng.release(delta.request_id)
+        step += 1
+    assert setting != "preemption" or eng.scheduler.num_preemptions > preemptions
+    assert sorted(outputs) == sorted(index_of) and aborted
+    bm = eng.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    for rid, out in outputs.items():
+        prompt, params = requests[index_of[rid]]
+        alone = llm.generate([prompt], params, use_tqdm=False)[0]
+        if out.finish_reason == "abort":
+            assert out.token_ids == alone.token_ids[: len(out.token_ids)]
+            continue
+        assert (out.token_ids, out.finish_reason) == (alone.token_ids, alone.finish_reason), (prompt, params)
+        if params.logprobs is None:
+            continue
+        assert len(out.logprobs) == len(alone.logprobs) == len(out.token_ids)
+        for got, want in zip(out.logprobs, alone.logprobs):
+            assert got.token_id == want.token_id and list(got.top) == list(want.top)
+            np.testing.assert_allclose([got.logprob, *got.top.values()], [want.logprob, *want.top.values()],
+                                       atol=1e-5)
