@@ -267,7 +267,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     counter = CompileCounter()
-    model = resolve_model(args)
+    try:
+        model = resolve_model(args)
+    except ValueError as e:  # a model path or random config that does not exist: no traceback
+        sys.exit(f"python -m nanovllm_jax.bench: error: {e}")
     vocab = _vocab_size(model)
     workload = make_workload(args, vocab)
     print(f"workload: {args.num_seqs} seqs, {workload.input_tokens} input + {workload.output_tokens} output tokens")

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from nanovllm_jax import LLM, SamplingParams
 
+PROG = "python -m nanovllm_jax.generate"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanovllm_jax.generate", description=__doc__)
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SamplingParams]:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("prompts", nargs="+", help="one or more prompts, generated as one batch")
     p.add_argument("--model", help="HF model dir or .gguf file (default: the embedded Gemma 3 270M)")
     p.add_argument("--backend", default="jax", choices=["jax", "onnx", "mock"], help="default: jax")
@@ -18,14 +21,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        return args, SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                    seed=args.seed, max_tokens=args.max_tokens)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args, params = parse_args(argv)
+    try:
+        generate(args, params)
+    except ValueError as e:  # a model path, chat template or prompt the engine refused: say so, no traceback
+        sys.exit(f"{PROG}: error: {e}")
+
+
+def generate(args: argparse.Namespace, params: SamplingParams) -> None:
     llm = LLM(args.model, backend=args.backend)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            max_tokens=args.max_tokens)
     prompts = args.prompts
     if args.chat:
         prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in prompts]

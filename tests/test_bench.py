@@ -53,6 +53,12 @@ def test_bench_rejects_bad_arguments(argv):
         bench.parse_args(argv)
 
 
+@pytest.mark.parametrize("argv", [["--model", "/no/such/model"], ["--random-weights", "qwen9-1t"]])
+def test_bench_names_a_missing_model_without_a_traceback(argv, capsys):
+    with pytest.raises(SystemExit, match="error: (model path does not exist|unknown random-weights config)"):
+        bench.main(argv)
+
+
 @pytest.mark.parametrize("name", sorted(RANDOM_CONFIGS))
 def test_random_model_tensors_match_transformers(name):
     import torch

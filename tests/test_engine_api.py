@@ -522,6 +522,17 @@ def test_chat_applies_the_model_chat_template(tmp_path):
         LLM(backend="mock").chat(conversation)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--top-p", "3"], "top_p must be in"), (["--max-tokens", "0"], "max_tokens"),
+    (["--chat"], "no chat template"), (["--model", "/no/such/model"], "model path does not exist")])
+def test_generate_cli_turns_bad_input_into_a_usage_error(argv, message, capsys):
+    from nanovllm_jax import generate
+
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(["--backend", "mock", "hi", *argv])
+    assert message in str(exit_.value.code) + capsys.readouterr().err
+
+
 def test_generate_cli_prints_each_prompt_and_its_text(capsys, llm):
     from nanovllm_jax import generate
 
