@@ -6,6 +6,9 @@ full JaxRunner.execute: host packing, one transfer, the compiled step, the token
 device programs alone (forward + sampler on an already transferred step) are timed apart.
 
     .venv/bin/python benchmarks/decode_step.py --batch-sizes 1 8 32 --context 256
+
+Layers run as the platform's tiling says (unrolled on CPU, lax.scan elsewhere); NANOVLLM_JAX_LAYERS=scan|unroll
+overrides it, as for the engine.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import jax
 import numpy as np
 
 from nanovllm_jax.config import EngineConfig
-from nanovllm_jax.jax_runner import JaxRunner
+from nanovllm_jax.jax_runner import JaxRunner, tiling_for
 from nanovllm_jax.models import llama
 from nanovllm_jax.random_models import RANDOM_CONFIGS
 from nanovllm_jax.runner import SamplingBatch, StepBatch
@@ -45,13 +48,13 @@ def decode_batch(batch: int, context: int, block_size: int, blocks_per_seq: int,
     )
 
 
-def decode_runner(model: str, max_batch: int, context: int, max_model_len: int, dtype: str,
-                  unroll: bool = False) -> tuple[JaxRunner, float]:
+def decode_runner(model: str, max_batch: int, context: int, max_model_len: int,
+                  dtype: str) -> tuple[JaxRunner, float]:
     """A JaxRunner on random `model` weights for decode steps of up to max_batch rows of `context`
     tokens (16-token blocks), and the seconds the params took to build."""
     model_config = llama.parse_config(RANDOM_CONFIGS[model])
     start = time.perf_counter()
-    params = llama.random_params(model_config, dtype=dtype, stacked=not unroll and jax.default_backend() != "cpu")
+    params = llama.random_params(model_config, dtype=dtype, stacked=tiling_for(jax.default_backend()).scan_layers)
     load_s = time.perf_counter() - start
     config = EngineConfig(model=f"random:{model}", max_num_seqs=max_batch, max_num_batched_tokens=max_batch,
                           max_model_len=max_model_len, num_kvcache_blocks=max_batch * -(-context // 16),
@@ -67,12 +70,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--unroll", action="store_true", help="per-layer weights, layers unrolled (default on CPU)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
 
-    runner, load_s = decode_runner(args.model, max(args.batch_sizes), args.context, args.max_model_len, args.dtype,
-                                   args.unroll)
+    runner, load_s = decode_runner(args.model, max(args.batch_sizes), args.context, args.max_model_len, args.dtype)
     config, block_size = runner.config, runner.block_size
     blocks_per_seq = -(-args.context // block_size)
     results = {"model": args.model, "dtype": args.dtype, "context": args.context, "load_s": load_s,

@@ -6,6 +6,8 @@ launches: per layer, every fusion, cuBLAS call and the Pallas kernel (compiled t
 Triton cannot build fails here), and every loop with whether its trip count is known (an unknown
 one waits for the device each iteration). Launch counts can so be compared before a GPU is lent.
 Without autotuning, XLA's GEMM choices may differ from a real H200's; fusion decisions do not.
+From XLA's thunk dump it also prints which kernels run inside CUDA graphs (XLA's command buffers):
+the target names driver 580's CUDA 13.0, since XLA keeps cuBLAS and loops out of graphs for older ones.
 
 Needs the CUDA plugin matching this jax, in a venv of its own (a few GB; CI never installs it):
 
@@ -16,11 +18,17 @@ Needs the CUDA plugin matching this jax, in a venv of its own (a few GB; CI neve
 from __future__ import annotations
 
 import os
+import tempfile
 
-os.environ.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="-1", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")
+DUMP = tempfile.mkdtemp(prefix="gpu_aot_census_")
+os.environ.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="-1", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1",
+                  XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUMP} "
+                            "--xla_dump_hlo_module_re=forward_step")
 
 import argparse  # noqa: E402
+import glob  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 from collections import Counter  # noqa: E402
 from functools import partial  # noqa: E402
 
@@ -37,7 +45,7 @@ from nanovllm_jax.step_packing import SeqLayout  # noqa: E402
 
 # The H200's device description as XLA's GPU compiler reads it (GH100: sm_90, 132 SMs).
 H200 = """gpu_device_info {
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  driver_version: "13.0.0" compile_time_toolkit_version: "13.0.0" threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
   shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
   block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
   l2_cache_size: 52428800 clock_rate_ghz: 1.98 shared_memory_per_block_optin: 232448
@@ -58,8 +66,8 @@ NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "
              "opt-barrier", "after-all"}
 
 
-def model_shapes(name: str):
-    """(model module, its config, params as ShapeDtypeStructs in bf16, stacked as on a GPU)."""
+def model_shapes(name: str, unroll: bool = False):
+    """(model module, its config, params as ShapeDtypeStructs in bf16, stacked as on a GPU or per layer)."""
     if name == "gemma3-270m":
         module, cfg = gemma3, gemma3.parse_config(GEMMA3_270M)
     else:
@@ -71,7 +79,12 @@ def model_shapes(name: str):
         rope = any(str(getattr(k, "key", "")).startswith("rope") for k in path)
         return jax.ShapeDtypeStruct(leaf.shape, jnp.float32 if rope else jnp.bfloat16)
 
-    return module, cfg, jax.tree_util.tree_map_with_path(shape_of, host)
+    params = jax.tree_util.tree_map_with_path(shape_of, host)
+    if unroll:
+        stacked = params["layers"]
+        params["layers"] = [{k: jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for k, a in stacked.items()}
+                            for _ in range(cfg.num_layers)]
+    return module, cfg, params
 
 
 def forward_hlo(module, cfg, params, tokens: int, seqs: int, slots: int) -> str:
@@ -135,21 +148,49 @@ def census(hlo: str) -> list[str]:
     return report
 
 
+def graphs() -> list[str]:
+    """The last compiled forward's thunks from XLA's dump, nested as they run: each CUDA graph (XLA
+    command buffer) with its command count, each loop, each kernel launched on its own."""
+    path, = glob.glob(os.path.join(DUMP, "*forward_step.thunk_sequence_after_thunk_passes.txt"))
+    report, graph = [], None  # graph: [depth, commands] of the CUDA graph being read
+    for line in open(path):
+        if line.strip() in ("condition:", "body:"):
+            report.append("    " + line.strip())
+            continue
+        thunk = re.match(r"^( *)\d+: (k\w+)", line)
+        if not thunk:
+            continue
+        depth, kind = len(thunk.group(1)) // 4, thunk.group(2)
+        if graph and depth > graph[0]:
+            graph[1] += depth == graph[0] + 1
+            continue
+        graph = [depth, 0] if kind == "kCommandBuffer" else None
+        report.append(graph if graph else "  " + "    " * depth + ("loop" if kind == "kWhile" else f"{kind} alone"))
+    shutil.rmtree(DUMP, ignore_errors=True)
+    os.makedirs(DUMP)
+    return [r if isinstance(r, str) else "  " + "    " * r[0] + f"CUDA graph of {r[1]} commands" for r in report]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen3-0.6b", choices=[*sorted(RANDOM_CONFIGS), "gemma3-270m"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 8192], help="token buckets to compile")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--slots", type=int, default=1 << 18, help="KV cache slots (16 per block)")
+    parser.add_argument("--unroll", action="store_true", help="layers unrolled (per-layer weights), not scanned")
+    parser.add_argument("--graphs", action="store_true", help="also list the CUDA graphs (XLA command buffers)")
     parser.add_argument("--hlo-dir", help="also write each program's optimized HLO here")
     args = parser.parse_args()
-    module, cfg, params = model_shapes(args.model)
+    module, cfg, params = model_shapes(args.model, args.unroll)
     for tokens in args.tokens:
         hlo = forward_hlo(module, cfg, params, tokens, min(tokens, args.max_num_seqs), args.slots)
         if args.hlo_dir:
             with open(os.path.join(args.hlo_dir, f"{args.model}_{tokens}.hlo.txt"), "w") as f:
                 f.write(hlo)
         print(f"{args.model}, {tokens}-token step (H200, deviceless):", *census(hlo), sep="\n", flush=True)
+        if args.graphs:
+            print("  thunks (CUDA graphs and kernels launched alone):", *graphs(), sep="\n", flush=True)
+    shutil.rmtree(DUMP, ignore_errors=True)
 
 
 if __name__ == "__main__":

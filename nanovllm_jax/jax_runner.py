@@ -41,7 +41,8 @@ MIN_BANNED_COLUMNS = 16
 
 @dataclass(frozen=True)
 class Tiling:
-    """How a step's attention is split into loop iterations, and the smallest step bucket, per platform."""
+    """How a step's attention is split into loop iterations, the smallest step bucket, and whether the
+    layers run under lax.scan (stacked weights) or unrolled (per-layer weights), per platform."""
 
     token_block: int  # tokens that walk their cached contexts together
     new_block: int  # query block of the attention among the step's own tokens
@@ -49,27 +50,34 @@ class Tiling:
     max_chunk_tokens: int
     kernel: bool  # attention through the Pallas kernel
     smallest_bucket: int
+    scan_layers: bool
 
 
 TILINGS = {
     # XLA:CPU: blocks whose gathered chunk stays in cache (a 32-token decode ran 4x faster with
     # 16-token chunks than with 256).
-    "cpu": Tiling(16, 32, 512, 128, kernel=False, smallest_bucket=1),
+    # XLA:CPU copies each layer's weights out of a stacked array under scan: unrolled there.
+    "cpu": Tiling(16, 32, 512, 128, kernel=False, smallest_bucket=1, scan_layers=False),
     # Accelerators: few, wide loop iterations (each costs kernel launches); padding small steps is cheap.
-    "gpu": Tiling(256, 512, 1 << 17, 128, kernel=True, smallest_bucket=16),
-    "tpu": Tiling(256, 512, 1 << 17, 1024, kernel=False, smallest_bucket=16),
+    "gpu": Tiling(256, 512, 1 << 17, 128, kernel=True, smallest_bucket=16, scan_layers=True),
+    "tpu": Tiling(256, 512, 1 << 17, 1024, kernel=False, smallest_bucket=16, scan_layers=True),
 }
 
 
 def tiling_for(platform: str) -> Tiling:
-    """The platform's tiling; NANOVLLM_JAX_ATTENTION=xla|pallas picks the GPU attention path."""
+    """The platform's tiling; NANOVLLM_JAX_ATTENTION=xla|pallas picks the GPU attention path and
+    NANOVLLM_JAX_LAYERS=scan|unroll the layer loop (for benchmarks)."""
     tiling = TILINGS.get(platform, TILINGS["tpu"])
-    choice = os.environ.get("NANOVLLM_JAX_ATTENTION", "")
-    if choice not in ("", "xla", "pallas"):
-        raise ValueError(f"NANOVLLM_JAX_ATTENTION must be 'xla' or 'pallas', got {choice!r}")
-    if choice == "pallas" and platform != "gpu":
+    attention, layers = os.environ.get("NANOVLLM_JAX_ATTENTION", ""), os.environ.get("NANOVLLM_JAX_LAYERS", "")
+    if attention not in ("", "xla", "pallas"):
+        raise ValueError(f"NANOVLLM_JAX_ATTENTION must be 'xla' or 'pallas', got {attention!r}")
+    if attention == "pallas" and platform != "gpu":
         raise ValueError(f"NANOVLLM_JAX_ATTENTION=pallas needs a GPU (the platform is {platform})")
-    return replace(tiling, kernel=choice == "pallas") if choice else tiling
+    if layers not in ("", "scan", "unroll"):
+        raise ValueError(f"NANOVLLM_JAX_LAYERS must be 'scan' or 'unroll', got {layers!r}")
+    if attention:
+        tiling = replace(tiling, kernel=attention == "pallas")
+    return replace(tiling, scan_layers=layers == "scan") if layers else tiling
 
 
 def step_layout(tiling: Tiling, model_config, seq: SeqLayout, tokens: int, max_pages_per_chunk: int,
@@ -209,9 +217,8 @@ class JaxRunner:
         self.platform = jax.default_backend()
         self.tiling = tiling_for(self.platform)
         self.dtype = config.dtype or ("float32" if self.platform == "cpu" else "bfloat16")
-        # XLA:CPU copies each layer's weights out of a stacked array under scan: unroll there instead.
-        self.scan_layers = self.platform != "cpu"
-        self.model, self.model_config, self.params = loaded or load_model(config.model, self.dtype, self.scan_layers)
+        self.model, self.model_config, self.params = loaded or load_model(config.model, self.dtype,
+                                                                          self.tiling.scan_layers)
         mc = self.model_config
         config.finalize(mc.max_position_embeddings)
         self.config = config

@@ -249,14 +249,15 @@ def test_too_few_memory_mappings_left_is_a_clear_error(model_dirs, xla_cache, mo
 
 
 def test_gpu_tiling_and_attention_kernel_match_transformers(model_dirs, xla_cache, prompts, monkeypatch):
-    """The GPU's attention tiling (16-token smallest bucket, the Pallas attention kernel in interpret
-    mode here) through the whole engine, with chunked prefill and prefix hits."""
+    """The GPU's tiling (16-token smallest bucket, layers under lax.scan, the Pallas attention kernel
+    in interpret mode here) through the whole engine, with chunked prefill and prefix hits."""
     from nanovllm_jax import jax_runner
 
     monkeypatch.setitem(jax_runner.TILINGS, "cpu", jax_runner.TILINGS["gpu"])
     llm = LLM(str(model_dirs["qwen3"]), backend="jax", compilation_cache_dir=xla_cache, max_num_seqs=8,
               max_num_batched_tokens=32)
     assert llm.engine.runner.buckets == [(16, 8), (32, 8)]
+    assert not isinstance(llm.engine.runner.params["layers"], list)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outputs] == greedy_reference(model_dirs, "qwen3", prompts)
     assert outputs[-1].num_cached_tokens >= 32
@@ -280,6 +281,17 @@ def test_attention_path_choice(monkeypatch):
     monkeypatch.setenv("NANOVLLM_JAX_ATTENTION", "triton")
     with pytest.raises(ValueError, match="'xla' or 'pallas'"):
         tiling_for("gpu")
+
+
+def test_layer_loop_choice(monkeypatch):
+    assert not tiling_for("cpu").scan_layers and tiling_for("gpu").scan_layers
+    monkeypatch.setenv("NANOVLLM_JAX_LAYERS", "unroll")
+    assert not tiling_for("gpu").scan_layers and tiling_for("gpu").kernel
+    monkeypatch.setenv("NANOVLLM_JAX_LAYERS", "scan")
+    assert tiling_for("cpu").scan_layers
+    monkeypatch.setenv("NANOVLLM_JAX_LAYERS", "loop")
+    with pytest.raises(ValueError, match="'scan' or 'unroll'"):
+        tiling_for("cpu")
 
 
 def test_a_kernel_that_fails_to_build_names_the_escape_hatch(model_dirs, xla_cache, monkeypatch):
