@@ -102,17 +102,19 @@ class LLM:
     def _steps(self, ids: list[int]) -> Iterator[list[StreamDelta]]:
         """The deltas of requests `ids`, a step's worth at a time, until all have finished: first those
         another call left for them, else the next engine step's. Another open call's deltas are kept for it."""
-        mine, unfinished = set(ids), len(ids)
-        while unfinished:
+        mine, finished = set(ids), set()
+        while len(finished) < len(ids):
             deltas = [d for i in ids for d in self._backlog.pop(i, [])] if self._backlog else []
             ours = []
             for delta in deltas or self.engine.step():
                 if delta.request_id in mine:
                     ours.append(delta)
                     if delta.finished:
-                        unfinished -= 1
+                        finished.add(delta.request_id)
                 elif delta.request_id in self._open:
                     self._backlog.setdefault(delta.request_id, []).append(delta)
+            if not ours and (gone := [i for i in ids if i not in finished and i not in self.engine.requests]):
+                raise RuntimeError(f"requests {gone} were released (engine.release) while this call waited on them")
             yield ours
 
     def _abort_unfinished(self, ids: list[int], finished: dict) -> None:

@@ -151,7 +151,8 @@ class LLMEngine:
             self._aborted[request_id] = request
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still running, or aborted and not yet reported by step()."""
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
     def get_output(self, request_id: int) -> RequestOutput:
         request = self.requests.get(request_id)
@@ -187,7 +188,11 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         in_flight = self._submit(scheduled) if scheduled else None  # its inputs may name rows of the last one
         previous, self._in_flight = self._in_flight, in_flight
-        deltas = self._read_back(previous) if previous else []  # if this raises, the engine still goes on
+        try:
+            deltas = self._read_back(previous) if previous else []
+        except Exception:  # the engine goes on; the step's requests lost a token, so they end here
+            self._abort_rows(previous)
+            raise
         deltas += [self._take_delta(request) for request in self._aborted.values()]
         self._aborted.clear()
         if self._in_flight and not self.scheduler.has_unfinished():
@@ -221,6 +226,11 @@ class LLMEngine:
             if seq.status == SequenceStatus.RUNNING:
                 self.block_manager.cache_full_blocks(seq)
         return deltas
+
+    def _abort_rows(self, step: _InFlight) -> None:
+        for _, seq in step.sampled:
+            if not seq.is_finished:
+                self.abort(seq.seq_id)
 
     def _build_batch(self, scheduled: ScheduledBatch) -> StepBatch:
         """The step's numpy arrays, built with whole-array operations (a per-row loop of small

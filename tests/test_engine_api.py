@@ -1,6 +1,7 @@
 """The public API on the mock backend: stop rules, bad input, streaming, logprobs, abort."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -486,6 +487,71 @@ def test_a_failed_step_fails_its_requests_only(monkeypatch):
     assert [o.token_ids for o in outs] == [mock_generate(p, params, runner.vocab_size, set()) for p in ([10, 11, 12], [13])]
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def limit_steps(monkeypatch, engine, limit: int = 200) -> None:
+    """A call that would wait forever fails instead."""
+    step, count = engine.step, itertools.count()
+
+    def limited():
+        assert next(count) < limit, "still stepping: a request never finishes"
+        return step()
+
+    monkeypatch.setattr(engine, "step", limited)
+
+
+def test_a_failed_step_ends_another_calls_requests_with_abort(monkeypatch):
+    """A step read back by one call fails: a request of another open stream in that step lost its
+    token, so it ends "abort" with the tokens it had (before, it went on a token short and then
+    never finished); the engine stepped on directly reports it too."""
+    llm = LLM(backend="mock", max_model_len=256)
+    runner, submitted, fail_at = llm.engine.runner, [], []
+
+    class Failing:
+        def result(self):
+            raise RuntimeError("device lost")
+
+    def failing(batch):
+        submitted.append(batch)
+        done = runner_submit(batch)
+        return Failing() if len(submitted) in fail_at else done
+
+    runner_submit = runner.submit
+    monkeypatch.setattr(runner, "submit", failing)
+    limit_steps(monkeypatch, llm.engine)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    expected = mock_generate([20, 21, 22], params, runner.vocab_size, set())
+    stream = llm.stream([[20, 21, 22]], params)
+    got = list(next(stream).token_ids)
+    fail_at.append(len(submitted) + 2)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate([[5, 6, 7]], params, use_tqdm=False)
+    rest = list(stream)
+    got += [t for delta in rest for t in delta.token_ids]
+    assert rest[-1].finish_reason == "abort" and got == expected[: len(got)] and len(got) < len(expected)
+
+    engine = llm.engine
+    rid = engine.add_request([20, 21, 22], params)
+    fail_at.append(len(submitted) + 3)
+    reported = []
+    while engine.has_unfinished():
+        try:
+            reported += engine.step()
+        except RuntimeError:
+            pass
+    assert reported[-1].finish_reason == "abort"
+    assert engine.release(rid).token_ids == [t for d in reported for t in d.token_ids] == expected[:2]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_releasing_a_request_a_stream_waits_on_ends_the_stream_with_an_error(llm, monkeypatch):
+    limit_steps(monkeypatch, llm.engine)
+    stream = llm.stream([[5, 6, 7]], SamplingParams(max_tokens=50, **GREEDY))
+    request_id = next(stream).request_id
+    llm.engine.abort(request_id)
+    llm.engine.release(request_id)
+    with pytest.raises(RuntimeError, match=r"requests \[\d+\] were released"):
+        list(stream)
 
 
 def test_reset_prefix_cache_forgets_cached_prompts_only_when_idle(llm):
