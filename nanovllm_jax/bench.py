@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -68,25 +69,47 @@ class CompileCounter:
         jax.monitoring.register_event_duration_secs_listener(on_event)
 
 
-def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float]:
-    if not values:
-        return {"p50": float("nan"), "p99": float("nan")}
+def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
+    if not values:  # e.g. TPOT when every request makes one token
+        return {"p50": None, "p99": None}
     arr = np.asarray(values) * scale
     return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99))}
 
 
-def peak_rss_mb() -> float:
+def process_peak_rss_mb() -> float:
+    """The process's peak so far: every engine loaded before it counts (see rss_held_mb)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def device_peak_mb() -> float | None:
+def rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux
+        return None
+
+
+def device_mb(stat: str) -> float | None:
+    """A JAX device memory stat (bytes_in_use, peak_bytes_in_use) in MB; None on CPU."""
     try:
         import jax
 
         stats = jax.devices()[0].memory_stats()
     except Exception:  # noqa: BLE001 - no device stats (CPU): report None
         return None
-    return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
+    return stats[stat] / 2**20 if stats and stat in stats else None
+
+
+class Held:
+    """Host and device memory that loading an engine added: per engine, where process peaks are not."""
+
+    def __init__(self):
+        self.rss, self.device = rss_mb(), device_mb("bytes_in_use")
+
+    def report(self) -> dict:
+        rss, device = rss_mb(), device_mb("bytes_in_use")
+        return {"rss_held_mb": None if rss is None else rss - self.rss,
+                "device_held_mb": None if device is None else device - self.device}
 
 
 Run = Callable[[], dict]  # one timed pass of the workload through an already warmed-up engine
@@ -95,16 +118,20 @@ Run = Callable[[], dict]  # one timed pass of the workload through an already wa
 def start_engine(backend: str, model: str | None, workload: Workload, args, counter: CompileCounter) -> Run:
     from nanovllm_jax import LLM
 
-    start = time.perf_counter()
+    held, start = Held(), time.perf_counter()
     llm = LLM(model, backend=backend, **engine_kwargs(args))
-    load_s = time.perf_counter() - start
-    warm = time.perf_counter()
-    llm.generate([workload.prompts[0][:8]], SamplingParams(max_tokens=4), use_tqdm=False)
-    warmup_s = time.perf_counter() - warm + getattr(llm.engine.runner, "warmup_seconds", 0.0)
+    compile_s = getattr(llm.engine.runner, "warmup_seconds", 0.0)  # the runner compiles as it loads
+    load_s = time.perf_counter() - start - compile_s
     params = [
         SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n, seed=args.seed + i)
         for i, n in enumerate(workload.output_lens)
     ]
+    for prompt, p in zip(workload.prompts, params):  # e.g. too long for max_model_len: before any run
+        llm.engine.validate(prompt, p)
+    warm = time.perf_counter()
+    llm.generate([workload.prompts[0][:8]], SamplingParams(max_tokens=4), use_tqdm=False)
+    warmup_s = time.perf_counter() - warm + compile_s
+    memory = held.report()
 
     def run() -> dict:
         if not llm.reset_prefix_cache():  # every round prefills its prompts, as the first did
@@ -114,7 +141,7 @@ def start_engine(backend: str, model: str | None, workload: Workload, args, coun
         last: dict[int, float] = {}
         gaps: list[float] = []
         produced = 0
-        t0 = time.perf_counter()
+        loadavg, t0 = os.getloadavg()[0], time.perf_counter()
         for delta in llm.stream(workload.prompts, params):
             now = time.perf_counter()
             if not delta.token_ids:
@@ -139,8 +166,10 @@ def start_engine(backend: str, model: str | None, workload: Workload, args, coun
             "tpot_ms": percentiles(tpot),
             "itl_ms": percentiles(gaps),
             "compilations_after_warmup": counter.count - compiles,
-            "peak_rss_mb": peak_rss_mb(),
-            "device_peak_mb": device_peak_mb(),
+            **memory,
+            "process_peak_rss_mb": process_peak_rss_mb(),
+            "process_device_peak_mb": device_mb("peak_bytes_in_use"),
+            "loadavg_1m": loadavg,
         }
 
     return run
@@ -151,7 +180,7 @@ def start_hf(model_dir: str, workload: Workload, args) -> Run:
     import torch
     from transformers import AutoModelForCausalLM
 
-    start = time.perf_counter()
+    held, start = Held(), time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load_s = time.perf_counter() - start
     width = max(map(len, workload.prompts))
@@ -168,13 +197,15 @@ def start_hf(model_dir: str, workload: Workload, args) -> Run:
     with torch.inference_mode():
         model.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], **(sampling | dict(min_new_tokens=4, max_new_tokens=4)))
     warmup_s = time.perf_counter() - warm
+    memory = held.report()
 
     def run() -> dict:
-        t0 = time.perf_counter()
+        loadavg, t0 = os.getloadavg()[0], time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, **sampling)
         wall = time.perf_counter() - t0
-        # Counted the same way: each request's own max_tokens, not the batch's padding to the longest.
+        # Counted the same way: each request's own max_tokens, though one batched generate runs every
+        # row to the longest and prefills the padding (the work it did is reported beside).
         return {
             "engine": "transformers",
             "output_tok_s": workload.output_tokens / wall,
@@ -182,7 +213,11 @@ def start_hf(model_dir: str, workload: Workload, args) -> Run:
             "run_s": wall,
             "load_s": load_s,
             "warmup_s": warmup_s,
-            "peak_rss_mb": peak_rss_mb(),
+            "tokens_generated_with_padding": int(ids.shape[0]) * new_tokens,
+            "prompt_tokens_with_padding": int(ids.numel()),
+            **memory,
+            "process_peak_rss_mb": process_peak_rss_mb(),
+            "loadavg_1m": loadavg,
             "torch": torch.__version__,
         }
 
@@ -246,6 +281,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for backend in args.backend:
         if backend not in ("jax", "onnx", "mock"):
             p.error(f"unknown backend {backend!r}: choose jax, onnx or mock")
+    if len(set(args.backend)) < len(args.backend):
+        p.error("--backend names an engine twice")
+    if args.random_weights and "mock" in args.backend:
+        p.error("the mock backend runs its own toy model: --random-weights needs jax or onnx")
+    if args.json and (Path(args.json).is_dir() or not os.access(_existing_parent(Path(args.json)), os.W_OK)):
+        p.error(f"--json {args.json}: not a writable file path")
     if args.num_seqs < 1:
         p.error("--num-seqs must be >= 1")
     if args.min_input_len < 1 or args.min_input_len > args.max_input_len:
@@ -264,17 +305,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute().parent
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     counter = CompileCounter()
-    try:
+    try:  # a model that does not exist or a workload too long for it: no traceback
         model = resolve_model(args)
-    except ValueError as e:  # a model path or random config that does not exist: no traceback
+        workload = make_workload(args, _vocab_size(model))
+        print(f"workload: {args.num_seqs} seqs, {workload.input_tokens} input + {workload.output_tokens} output tokens")
+        runners = [start_engine(backend, model, workload, args, counter) for backend in args.backend]
+    except ValueError as e:
         sys.exit(f"python -m nanovllm_jax.bench: error: {e}")
-    vocab = _vocab_size(model)
-    workload = make_workload(args, vocab)
-    print(f"workload: {args.num_seqs} seqs, {workload.input_tokens} input + {workload.output_tokens} output tokens")
-    runners = [start_engine(backend, model, workload, args, counter) for backend in args.backend]
     if args.compare == "hf":
         runners.append(start_hf(model, workload, args))
     rounds = []
@@ -309,19 +356,23 @@ def main(argv: list[str] | None = None) -> dict:
         result["ratio_vs_first_backend"] = {runs[i]["engine"]: median_ratio(rounds, i, 0) for i in engines[1:]}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
     return result
 
 
 def format_run(run: dict) -> str:
+    held = "" if run["rss_held_mb"] is None else f"holds {run['rss_held_mb']:.0f} MB RSS (process peak "
     line = (f"{run['engine']:>22}: {run['output_tok_s']:8.1f} output tok/s  {run['total_tok_s']:8.1f} total tok/s  "
-            f"run {run['run_s']:.1f}s  warm-up {run['warmup_s']:.1f}s  peak RSS {run['peak_rss_mb']:.0f} MB")
+            f"run {run['run_s']:.1f}s  warm-up {run['warmup_s']:.1f}s  {held}"
+            f"{run['process_peak_rss_mb']:.0f} MB{')' if held else ' peak RSS'}")
     if "ttft_ms" in run:
-        line += (f"\n{'':>24}TTFT p50/p99 {run['ttft_ms']['p50']:.0f}/{run['ttft_ms']['p99']:.0f} ms  "
-                 f"TPOT p50/p99 {run['tpot_ms']['p50']:.1f}/{run['tpot_ms']['p99']:.1f} ms  "
-                 f"ITL p50/p99 {run['itl_ms']['p50']:.1f}/{run['itl_ms']['p99']:.1f} ms  "
-                 f"compilations after warm-up: {run['compilations_after_warmup']}")
+        line += (f"\n{'':>24}TTFT p50/p99 {_ms(run['ttft_ms'], 0)} ms  TPOT p50/p99 {_ms(run['tpot_ms'], 1)} ms  "
+                 f"ITL p50/p99 {_ms(run['itl_ms'], 1)} ms  compilations after warm-up: {run['compilations_after_warmup']}")
     return line
+
+
+def _ms(p: dict, digits: int) -> str:
+    return "/".join("-" if p[k] is None else f"{p[k]:.{digits}f}" for k in ("p50", "p99"))
 
 
 def _vocab_size(model: str | None) -> int:

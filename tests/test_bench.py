@@ -16,8 +16,16 @@ def test_bench_on_the_mock_reports_every_field(tmp_path):
     assert run["output_tok_s"] > 0 and run["total_tok_s"] > run["output_tok_s"]
     for key in ("ttft_ms", "tpot_ms", "itl_ms"):
         assert run[key]["p50"] <= run[key]["p99"]
-    assert run["compilations_after_warmup"] == 0 and run["peak_rss_mb"] > 0
+    assert run["compilations_after_warmup"] == 0 and run["process_peak_rss_mb"] > run["rss_held_mb"] >= 0
     assert result["workload"]["num_seqs"] == 6
+
+
+def test_bench_json_has_no_nan_when_no_request_has_a_second_token(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--backend", "mock", "--num-seqs", "3", "--min-output-len", "1", "--max-output-len", "1",
+                "--json", str(out)])
+    (run,) = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))["runs"]
+    assert run["tpot_ms"] == {"p50": None, "p99": None} and run["ttft_ms"]["p50"] > 0
 
 
 def test_bench_rounds_report_the_median_round(tmp_path):
@@ -47,15 +55,18 @@ def test_bench_workload_is_seeded():
 @pytest.mark.parametrize("argv", [["--backend", "tpu"], ["--min-input-len", "9", "--max-input-len", "3"],
                                   ["--backend", "mock", "--compare", "hf"], ["--rounds", "0"], ["--num-seqs", "0"],
                                   ["--num-seqs", "-3"], ["--max-num-seqs", "0"], ["--max-num-batched-tokens", "-1"],
-                                  ["--block-size", "0"], ["--temperature", "-0.5"]])
+                                  ["--block-size", "0"], ["--temperature", "-0.5"], ["--backend", "mock,mock"],
+                                  ["--backend", "mock", "--random-weights", "qwen3-0.6b"], ["--json", "/"]])
 def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
 
 
-@pytest.mark.parametrize("argv", [["--model", "/no/such/model"], ["--random-weights", "qwen9-1t"]])
-def test_bench_names_a_missing_model_without_a_traceback(argv, capsys):
-    with pytest.raises(SystemExit, match="error: (model path does not exist|unknown random-weights config)"):
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/no/such/model"], "model path does not exist"), (["--random-weights", "qwen9-1t"], "unknown random"),
+    (["--backend", "mock", "--min-input-len", "3000", "--max-input-len", "3000"], "exceeds max_model_len")])
+def test_bench_names_a_missing_model_or_a_too_long_workload_without_a_traceback(argv, message):
+    with pytest.raises(SystemExit, match=f"error: .*{message}"):
         bench.main(argv)
 
 
