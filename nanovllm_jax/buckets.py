@@ -22,6 +22,7 @@ def bucket_for(n: int, sizes: list[int]) -> int:
 
 def step_buckets(max_tokens: int, max_seqs: int, smallest: int = 1) -> list[tuple[int, int]]:
     """(token bucket, sequence bucket) pairs. A step has no more sequences than tokens, so each token
-    bucket carries one sequence bucket: the smallest holding min(tokens, max_seqs)."""
+    bucket carries one sequence bucket: the smallest holding min(tokens, max_seqs). Token buckets
+    start at `smallest` even past max_tokens (the GPU kernel's dots need 16 rows)."""
     seq_sizes = buckets(max_seqs, smallest)
-    return [(t, bucket_for(min(t, max_seqs), seq_sizes)) for t in buckets(max_tokens, smallest)]
+    return [(t, bucket_for(min(t, max_seqs), seq_sizes)) for t in buckets(max(max_tokens, smallest), smallest)]

@@ -283,7 +283,11 @@ class JaxRunner:
             act += 4 * 4 * config.max_num_seqs * mc.vocab_size
             budget = int(limit * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0) - act - (256 << 20)
             cap = None
-        blocks = max(budget // self._block_bytes(), 1)
+        blocks = budget // self._block_bytes()
+        if blocks < 1:
+            raise ValueError(
+                f"the KV cache budget ({budget} bytes) holds no {self.block_size}-token block ({self._block_bytes()} "
+                "bytes): raise kv_cache_memory_bytes (CPU) or gpu_memory_utilization, or set num_kvcache_blocks")
         return int(min(blocks, cap) if cap else blocks)
 
     # ---- compilation ----------------------------------------------------------------------

@@ -110,7 +110,8 @@ class LLMEngine:
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len ({max_len})"
             )
-        needed = self.block_manager.blocks_needed(len(token_ids) + params.max_tokens)
+        # the last token sampled is never fed back, so it needs no K/V slot
+        needed = self.block_manager.blocks_needed(len(token_ids) + params.max_tokens - 1)
         if needed > self.block_manager.num_blocks:
             raise ValueError(
                 f"request needs {needed} KV blocks but the cache holds {self.block_manager.num_blocks}; "

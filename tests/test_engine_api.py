@@ -202,6 +202,10 @@ def test_bad_engine_arguments():
         LLM(backend="mock", enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=128)
     with pytest.raises(ValueError, match="KV blocks"):
         LLM(backend="mock", num_kvcache_blocks=2, kvcache_block_size=8).generate([[1] * 20], use_tqdm=False)
+    one_block = LLM(backend="mock", num_kvcache_blocks=1, kvcache_block_size=8)  # the last token needs no slot
+    assert len(one_block.generate([[1] * 5], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0].token_ids) == 4
+    with pytest.raises(ValueError, match="needs 2 KV blocks"):
+        one_block.generate([[1] * 5], SamplingParams(max_tokens=5), use_tqdm=False)
     for size in (8, 64, 256):  # any power of two from 8 up
         assert LLM(backend="mock", kvcache_block_size=size).generate([[1, 2]], use_tqdm=False)[0].token_ids
 

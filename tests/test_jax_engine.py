@@ -234,6 +234,11 @@ def test_warm_up_runs_every_program_without_touching_the_caches(model_dirs, xla_
         reference_greedy(load_reference(model_dirs["llama3"]), [5, 6, 7], NEW_TOKENS)
 
 
+def test_a_kv_budget_below_one_block_is_a_clear_error(model_dirs, xla_cache):
+    with pytest.raises(ValueError, match="holds no 16-token block"):
+        LLM(str(model_dirs["llama3"]), backend="jax", compilation_cache_dir=xla_cache, kv_cache_memory_bytes=1000)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux's memory-mapping limit")
 def test_too_few_memory_mappings_left_is_a_clear_error(model_dirs, xla_cache, monkeypatch):
     """Past vm.max_map_count XLA:CPU's JIT fails to allocate and the process crashes: the runner
@@ -267,7 +272,7 @@ def test_step_buckets_start_at_the_platform_smallest():
     assert step_buckets(16, 4) == [(1, 1), (2, 2), (4, 4), (8, 4), (16, 4)]
     assert step_buckets(2048, 256, 16) == [(16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (512, 256),
                                            (1024, 256), (2048, 256)]
-    assert step_buckets(8, 4, 16) == [(8, 4)]
+    assert step_buckets(8, 4, 16) == [(16, 4)]  # a GPU step pads up to 16 tokens whatever the budget
 
 
 def test_attention_path_choice(monkeypatch):

@@ -100,6 +100,8 @@ def test_kv_cache_sized_from_byte_budget(exported):
     assert runner.num_kvcache_blocks == 10 == llm.engine.block_manager.num_blocks
     assert runner.k_cache.nbytes + runner.v_cache.nbytes == 10 * block_bytes
     assert [len(o.token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == [12, 12]
+    with pytest.raises(ValueError, match="holds no 16-token block"):
+        LLM(str(exported), backend="onnx", max_model_len=128, kv_cache_memory_bytes=block_bytes - 1)
 
 
 def test_bf16_and_f16_weights_widen_exactly(tmp_path):

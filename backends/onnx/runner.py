@@ -58,8 +58,11 @@ class OnnxRunner(HostRunner):
         m = self.meta
         block_bytes = 2 * m["num_layers"] * self.block_size * m["num_kv_heads"] * m["head_dim"] * 4
         budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES
+        if budget < block_bytes:
+            raise ValueError(f"kv_cache_memory_bytes ({budget}) holds no {self.block_size}-token block "
+                             f"({block_bytes} bytes): raise it or set num_kvcache_blocks")
         # more blocks than every running sequence at full length can use would only idle
-        return max(1, min(budget // block_bytes, config.max_num_seqs * config.max_blocks_per_seq))
+        return min(budget // block_bytes, config.max_num_seqs * config.max_blocks_per_seq)
 
     def execute(self, batch: StepBatch) -> StepOutput:
         logits = np.empty((batch.num_seqs, self.vocab_size), dtype=np.float32)
