@@ -15,7 +15,9 @@ class EngineConfig:
     kvcache_block_size: int = 16
     num_kvcache_blocks: int | None = None  # None: as many as the runner's memory budget holds
     kv_cache_memory_bytes: int | None = None  # CPU byte budget for the KV cache
-    gpu_memory_utilization: float = 0.9  # fraction of accelerator memory for weights + KV cache
+    # fraction of what JAX's allocator may use (XLA_PYTHON_CLIENT_MEM_FRACTION of the card, 0.75 by
+    # default) for weights + KV cache + activations
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
