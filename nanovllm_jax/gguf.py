@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 import xxhash
 
-CONVERTER_VERSION = 3  # bump when the output of a conversion changes, so stale caches are not reused
+CONVERTER_VERSION = 4  # bump when the output of a conversion changes, so stale caches are not reused
 
 # GGUF general.architecture -> (HF architectures entry, HF model_type)
 ARCHITECTURES = {

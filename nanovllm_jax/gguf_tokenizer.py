@@ -7,6 +7,7 @@ conversion leaves to the tokenizer class (BOS/EOS insertion, special-token names
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tokenizers import Tokenizer, processors
@@ -63,9 +64,33 @@ def build_tokenizer(architecture: str, metadata: dict[str, Any]) -> Tokenizer:
     """The `tokenizers` tokenizer the GGUF's vocabulary describes, BOS/EOS insertion included."""
     tokenizer_dict = {name: metadata[f"tokenizer.ggml.{key}"] for key, name in _TOKENIZER_KEYS.items()
                       if f"tokenizer.ggml.{key}" in metadata}
-    tokenizer = _convert_with_transformers(architecture, tokenizer_dict)
+    tokenizer = _keep_control_tokens_whole(_convert_with_transformers(architecture, tokenizer_dict), metadata)
     tokenizer.post_processor = _special_token_template(metadata)
     return tokenizer
+
+
+CONTROL = 3  # llama.cpp's token type of a control token
+
+
+def _keep_control_tokens_whole(tokenizer: Tokenizer, metadata: dict[str, Any]) -> Tokenizer:
+    """Byte-level conversion respells every vocabulary entry into the byte alphabet and leaves out of
+    the added tokens the control tokens whose text is not byte-level (DeepSeek's `<｜User｜>`), so their
+    text was split into bytes. llama.cpp keeps control tokens whole, as HF's own tokenizer.json does:
+    they get their raw text back and become special added tokens at their ids."""
+    tokens, types = metadata["tokenizer.ggml.tokens"], metadata.get("tokenizer.ggml.token_type", [])
+    added = tokenizer.get_added_tokens_decoder()
+    respelled = [i for i, kind in enumerate(types)
+                 if kind == CONTROL and i not in added and tokenizer.id_to_token(i) != tokens[i]]
+    if not respelled:
+        return tokenizer
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for i in respelled:
+        del vocab[tokenizer.id_to_token(i)]
+        vocab[tokens[i]] = i
+        spec["added_tokens"].append(dict(id=i, content=tokens[i], single_word=False, lstrip=False, rstrip=False,
+                                         normalized=False, special=True))
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def tokenizer_config(architecture: str, metadata: dict[str, Any]) -> dict[str, Any]:

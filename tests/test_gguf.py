@@ -313,6 +313,28 @@ def test_the_assembled_default_gguf_is_keyed_by_its_release_hash(monkeypatch, tm
     assert default_gguf_path(tmp_path).read_bytes() == b"release 2" and first.read_bytes() == b"release 1"
 
 
+def test_byte_level_control_tokens_outside_the_byte_alphabet_stay_whole(tmp_path):
+    """DeepSeek-R1-Distill GGUFs: llama.cpp stores <｜User｜> raw and marks it a control token; it is one id,
+    as in HF's tokenizer.json, not a run of byte pieces, and skip_special_tokens drops it."""
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+
+    class DeepSeekVocab(synth.Vocab):
+        def __init__(self):
+            super().__init__("gpt2")
+            self.tokens, self.types = self.tokens + specials, self.types + [3] * len(specials)
+            self.bos = self.eos = self.pad = len(self.tokens) - 4
+
+    vocab = DeepSeekVocab()
+    config = synth.tiny_config("qwen2", len(vocab))
+    path = synth.write_gguf(tmp_path / "model.gguf", config, synth.random_state_dict(config), vocab)
+    tok = load_tokenizer(convert_gguf(path, cache_dir=tmp_path / "cache"))
+    ids = {t: i for i, t in enumerate(vocab.tokens)}
+    text = "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜>"
+    assert tok.encode(text, add_special_tokens=False) == [ids[specials[0]], ids[specials[2]], ids["h"], ids["i"],
+                                                          ids[specials[3]]]
+    assert tok.decode([ids[specials[2]], ids["h"], ids["i"]]) == "hi"
+
+
 # ---------------------------------------------------------------- bad files
 
 def test_truncated_file(synthetic, tmp_path):
