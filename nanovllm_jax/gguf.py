@@ -78,6 +78,8 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     tmp.mkdir()  # with the umask's mode, so other users can read a shared cache
     try:
         write_hf_dir(gguf_path, tmp, dtype)
+        if target.exists() and not (target / "config.json").is_file():
+            shutil.rmtree(target)  # an entry emptied by hand: renames put only complete dirs there
         try:
             os.rename(tmp, target)  # atomic: a dir under its final name is always complete
         except OSError:

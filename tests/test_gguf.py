@@ -262,6 +262,10 @@ def test_a_killed_conversions_scratch_is_removed_and_the_cache_is_readable_by_ot
         scratch.mkdir()
     out = convert_gguf(synthetic["llama"]["gguf"], cache_dir=tmp_path)
     assert not dead.exists() and running.exists() and other_host.exists()
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"half deleted by hand")
+    assert convert_gguf(synthetic["llama"]["gguf"], cache_dir=tmp_path) == out and (out / "config.json").is_file()
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
