@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything in benchmarks/gpu-h200.md in one call on a lent GPU machine (run from the repo root;
-# logs and JSON land in $OUT; about 8 minutes on an H200 plus the machine's start), most wanted first:
+# logs and JSON land in $OUT; about 8 minutes on an H200 plus the machine's start), most wanted first,
+# since a device call's 600 s limit cuts the tail if compiles run long:
 # kernel + parity checks; nano-vllm's workload with layers under lax.scan (the default), with layers
 # unrolled, and with the host waiting for every step; decode-step times with and without CUDA graphs;
 # a profile. (The pure-JAX attention path, 2169 tok/s, is `NANOVLLM_JAX_ATTENTION=xla`: ~2 more minutes.)

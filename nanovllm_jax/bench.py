@@ -285,7 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--backend names an engine twice")
     if args.random_weights and "mock" in args.backend:
         p.error("the mock backend runs its own toy model: --random-weights needs jax or onnx")
-    if args.json and (Path(args.json).is_dir() or not os.access(_existing_parent(Path(args.json)), os.W_OK)):
+    if args.json and (Path(args.json).is_dir() or not _existing_parent(Path(args.json)).is_dir()
+                      or not os.access(_existing_parent(Path(args.json)), os.W_OK)):
         p.error(f"--json {args.json}: not a writable file path")
     if args.num_seqs < 1:
         p.error("--num-seqs must be >= 1")

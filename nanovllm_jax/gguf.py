@@ -11,8 +11,8 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,6 +20,7 @@ import numpy as np
 import xxhash
 
 CONVERTER_VERSION = 4  # bump when the output of a conversion changes, so stale caches are not reused
+SCRATCH_TTL_S = 24 * 3600
 
 # GGUF general.architecture -> (HF architectures entry, HF model_type)
 ARCHITECTURES = {
@@ -78,42 +79,32 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     tmp.mkdir()  # with the umask's mode, so other users can read a shared cache
     try:
         write_hf_dir(gguf_path, tmp, dtype)
-        if target.exists() and not (target / "config.json").is_file():
-            shutil.rmtree(target)  # an entry emptied by hand: renames put only complete dirs there
         try:
             os.rename(tmp, target)  # atomic: a dir under its final name is always complete
-        except OSError:
+        except OSError as e:
             if not (target / "config.json").is_file():  # not a concurrent converter winning the race
-                raise
+                raise OSError(f"cached conversion {target} is incomplete (emptied by hand?): delete it") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def scratch_path(directory: Path, name: str) -> Path:
-    """A path under `directory` to write `name` into before renaming it into place, tagged with this
-    host and process; scratch that this host's dead processes left there (a killed conversion) is
-    removed first."""
-    host = socket.gethostname().replace("-", "_")
-    for old in directory.glob(f".scratch-{host}-*"):
-        pid = old.name.split("-")[2]
-        if not pid.isdigit() or _alive(int(pid)):
+    """A path under `directory` to write `name` into before renaming it into place. Scratch untouched
+    for a day (a killed conversion's) is removed first: a running one writes far more often, and
+    whether its process is alive cannot be told across hosts or PID namespaces sharing a cache."""
+    for old in directory.glob(".scratch-*"):
+        try:
+            entries = [old, *old.iterdir()] if old.is_dir() else [old]
+            if time.time() - max(p.stat().st_mtime for p in entries) < SCRATCH_TTL_S:
+                continue
+        except OSError:  # renamed into place or removed meanwhile
             continue
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-    return directory / f".scratch-{host}-{os.getpid()}-{secrets.token_hex(4)}-{name}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    return directory / f".scratch-{os.getpid()}-{secrets.token_hex(4)}-{name}"
 
 
 def default_cache_dir() -> Path:

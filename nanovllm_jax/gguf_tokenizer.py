@@ -2,8 +2,10 @@
 
 The vocabulary-to-model step (sentencepiece-style BPE with merges rebuilt from the vocabulary, byte-level BPE,
 Gemma's respelled space runs, control tokens kept whole) is transformers' own GGUF tokenizer conversion, so the
-ids agree with `AutoTokenizer.from_pretrained(dir, gguf_file=...)` by construction; it needs no torch. What that
-conversion leaves to the tokenizer class (BOS/EOS insertion, special-token names, the chat template) is done here.
+ids agree with `AutoTokenizer.from_pretrained(dir, gguf_file=...)` by construction (needing no torch), except
+for byte-level control tokens outside the byte alphabet, which transformers splits and llama.cpp and HF's own
+tokenizer.json keep whole (see _keep_control_tokens_whole). What that conversion leaves to the tokenizer class
+(BOS/EOS insertion, special-token names, the chat template) is done here.
 """
 from __future__ import annotations
 
@@ -79,8 +81,8 @@ def _keep_control_tokens_whole(tokenizer: Tokenizer, metadata: dict[str, Any]) -
     they get their raw text back and become special added tokens at their ids."""
     tokens, types = metadata["tokenizer.ggml.tokens"], metadata.get("tokenizer.ggml.token_type", [])
     added = tokenizer.get_added_tokens_decoder()
-    respelled = [i for i, kind in enumerate(types)
-                 if kind == CONTROL and i not in added and tokenizer.id_to_token(i) != tokens[i]]
+    respelled = [i for i, kind in enumerate(types) if kind == CONTROL and i not in added
+                 and tokenizer.id_to_token(i) not in (None, tokens[i]) and tokenizer.token_to_id(tokens[i]) is None]
     if not respelled:
         return tokenizer
     spec = json.loads(tokenizer.to_str())

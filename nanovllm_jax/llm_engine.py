@@ -81,7 +81,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self.last_step = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
         self._in_flight: _InFlight | None = None
-        self._aborted: dict[int, _Request] = {}  # aborted since the last step, which reports them
+        self._unreported: dict[int, _Request] = {}  # aborted since the last step, which reports them
+        self._carried: list[StreamDelta] = []  # read by a step whose read-back then failed: the next step returns them
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -149,11 +150,11 @@ class LLMEngine:
         request = self.requests.get(request_id)
         if request is not None and not request.seq.is_finished:
             self.scheduler.finish(request.seq, "abort")
-            self._aborted[request_id] = request
+            self._unreported[request_id] = request
 
     def has_unfinished(self) -> bool:
-        """Requests still running, or aborted and not yet reported by step()."""
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        """Requests still running, or with news step() has not returned yet."""
+        return self.scheduler.has_unfinished() or bool(self._unreported) or bool(self._carried)
 
     def get_output(self, request_id: int) -> RequestOutput:
         request = self.requests.get(request_id)
@@ -177,7 +178,7 @@ class LLMEngine:
         if not output.finished:
             raise ValueError(f"request {request_id} is still running; abort it first")
         del self.requests[request_id]
-        self._aborted.pop(request_id, None)  # released: nobody waits for its report
+        self._unreported.pop(request_id, None)  # released: nobody waits for its report
         return output
 
     # ---- the step -------------------------------------------------------------------------
@@ -189,13 +190,16 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         in_flight = self._submit(scheduled) if scheduled else None  # its inputs may name rows of the last one
         previous, self._in_flight = self._in_flight, in_flight
+        deltas, self._carried = self._carried, []
         try:
-            deltas = self._read_back(previous) if previous else []
-        except Exception:  # the engine goes on; the step's requests lost a token, so they end here
+            if previous:
+                self._read_back(previous, deltas)
+        except Exception:  # the engine goes on: what was read comes with the next step; the rest lost a token
+            self._carried = deltas
             self._abort_rows(previous)
             raise
-        deltas += [self._take_delta(request) for request in self._aborted.values()]
-        self._aborted.clear()
+        deltas += [self._take_delta(request) for request in self._unreported.values()]
+        self._unreported.clear()
         if self._in_flight and not self.scheduler.has_unfinished():
             # every request it computes for has stopped: wait for it, so no step outlives the work
             self._in_flight, idle = None, self._in_flight
@@ -217,16 +221,14 @@ class LLMEngine:
             seq.add_pending()
         return _InFlight(pending, sampled)
 
-    def _read_back(self, step: _InFlight) -> list[StreamDelta]:
+    def _read_back(self, step: _InFlight, deltas: list[StreamDelta]) -> None:
         output = step.pending.result()
-        deltas = []
         for row, seq in step.sampled:
             if seq.is_finished:  # stopped by the step before, or aborted: the row's token is dropped
                 continue
             deltas.append(self._append_token(self.requests[seq.seq_id], row, output))
             if seq.status == SequenceStatus.RUNNING:
                 self.block_manager.cache_full_blocks(seq)
-        return deltas
 
     def _abort_rows(self, step: _InFlight) -> None:
         for _, seq in step.sampled:

@@ -56,7 +56,7 @@ def test_bench_workload_is_seeded():
                                   ["--backend", "mock", "--compare", "hf"], ["--rounds", "0"], ["--num-seqs", "0"],
                                   ["--num-seqs", "-3"], ["--max-num-seqs", "0"], ["--max-num-batched-tokens", "-1"],
                                   ["--block-size", "0"], ["--temperature", "-0.5"], ["--backend", "mock,mock"],
-                                  ["--backend", "mock", "--random-weights", "qwen3-0.6b"], ["--json", "/"]])
+                                  ["--backend", "mock", "--random-weights", "qwen3-0.6b"], ["--json", "/"], ["--json", __file__ + "/out.json"]])
 def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)

@@ -548,6 +548,32 @@ def test_a_failed_step_ends_another_calls_requests_with_abort(monkeypatch):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_a_read_back_failing_midway_still_delivers_the_rows_read_before_it(monkeypatch):
+    """Detokenizing one row raises after another row of the step was read: that row's delta (with an
+    open stream's token in it) comes with the next step instead of being lost."""
+    llm = LLM(backend="mock", max_model_len=256)
+    engine, params = llm.engine, SamplingParams(max_tokens=3, **GREEDY)
+    append, armed = engine._append_token, []
+
+    def failing_for_the_second_request(request, row, output):
+        delta = append(request, row, output)
+        if armed and request.seq.seq_id == 1:
+            armed.clear()
+            raise RuntimeError("detokenizer failed")
+        return delta
+
+    monkeypatch.setattr(engine, "_append_token", failing_for_the_second_request)
+    limit_steps(monkeypatch, engine)
+    stream = llm.stream([[20, 21, 22]], params)
+    got = list(next(stream).token_ids)
+    armed.append(True)
+    with pytest.raises(RuntimeError, match="detokenizer failed"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=20, **GREEDY), use_tqdm=False)
+    rest = list(stream)
+    assert got + [t for d in rest for t in d.token_ids] == mock_generate([20, 21, 22], params, 1024, set())
+    assert rest[-1].finish_reason == "length" and not engine.has_unfinished()
+
+
 def test_releasing_a_request_a_stream_waits_on_ends_the_stream_with_an_error(llm, monkeypatch):
     limit_steps(monkeypatch, llm.engine)
     stream = llm.stream([[5, 6, 7]], SamplingParams(max_tokens=50, **GREEDY))
