@@ -285,8 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--backend names an engine twice")
     if args.random_weights and "mock" in args.backend:
         p.error("the mock backend runs its own toy model: --random-weights needs jax or onnx")
-    if args.json and (Path(args.json).is_dir() or not _existing_parent(Path(args.json)).is_dir()
-                      or not os.access(_existing_parent(Path(args.json)), os.W_OK)):
+    if args.json and not _writable_file_path(Path(args.json)):
         p.error(f"--json {args.json}: not a writable file path")
     if args.num_seqs < 1:
         p.error("--num-seqs must be >= 1")
@@ -306,11 +305,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _existing_parent(path: Path) -> Path:
-    path = path.absolute().parent
-    while not path.exists():
-        path = path.parent
-    return path
+def _writable_file_path(path: Path) -> bool:
+    """Whether a file can be written at `path`, creating its missing parent dirs."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return not path.is_dir() and parent.is_dir() and os.access(parent, os.W_OK)
 
 
 def main(argv: list[str] | None = None) -> dict:

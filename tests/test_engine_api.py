@@ -471,18 +471,7 @@ def test_a_failed_step_fails_its_requests_only(monkeypatch):
     the engine serves the next ones exactly."""
     llm = LLM(backend="mock", max_model_len=256)
     runner = llm.engine.runner
-    submit, submitted = runner.submit, []
-
-    class Failing:
-        def result(self):
-            raise RuntimeError("device lost")
-
-    def failing_third(batch):
-        submitted.append(batch)
-        done = submit(batch)
-        return Failing() if len(submitted) == 3 else done
-
-    monkeypatch.setattr(runner, "submit", failing_third)
+    fail_submits(monkeypatch, runner, {3})
     params = SamplingParams(max_tokens=8, **GREEDY)
     with pytest.raises(RuntimeError, match="device lost"):
         llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)
@@ -491,6 +480,24 @@ def test_a_failed_step_fails_its_requests_only(monkeypatch):
     assert [o.token_ids for o in outs] == [mock_generate(p, params, runner.vocab_size, set()) for p in ([10, 11, 12], [13])]
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def fail_submits(monkeypatch, runner, fail_at) -> list:
+    """The runner's steps numbered in `fail_at` (from 1; the caller may add to it later) raise "device
+    lost" when read back; returns the list of submitted batches."""
+    submit, submitted = runner.submit, []
+
+    class Failing:
+        def result(self):
+            raise RuntimeError("device lost")
+
+    def failing(batch):
+        submitted.append(batch)
+        done = submit(batch)
+        return Failing() if len(submitted) in fail_at else done
+
+    monkeypatch.setattr(runner, "submit", failing)
+    return submitted
 
 
 def limit_steps(monkeypatch, engine, limit: int = 200) -> None:
@@ -509,25 +516,14 @@ def test_a_failed_step_ends_another_calls_requests_with_abort(monkeypatch):
     token, so it ends "abort" with the tokens it had (before, it went on a token short and then
     never finished); the engine stepped on directly reports it too."""
     llm = LLM(backend="mock", max_model_len=256)
-    runner, submitted, fail_at = llm.engine.runner, [], []
-
-    class Failing:
-        def result(self):
-            raise RuntimeError("device lost")
-
-    def failing(batch):
-        submitted.append(batch)
-        done = runner_submit(batch)
-        return Failing() if len(submitted) in fail_at else done
-
-    runner_submit = runner.submit
-    monkeypatch.setattr(runner, "submit", failing)
+    runner, fail_at = llm.engine.runner, set()
+    submitted = fail_submits(monkeypatch, runner, fail_at)
     limit_steps(monkeypatch, llm.engine)
     params = SamplingParams(max_tokens=12, **GREEDY)
     expected = mock_generate([20, 21, 22], params, runner.vocab_size, set())
     stream = llm.stream([[20, 21, 22]], params)
     got = list(next(stream).token_ids)
-    fail_at.append(len(submitted) + 2)
+    fail_at.add(len(submitted) + 2)
     with pytest.raises(RuntimeError, match="device lost"):
         llm.generate([[5, 6, 7]], params, use_tqdm=False)
     rest = list(stream)
@@ -536,7 +532,7 @@ def test_a_failed_step_ends_another_calls_requests_with_abort(monkeypatch):
 
     engine = llm.engine
     rid = engine.add_request([20, 21, 22], params)
-    fail_at.append(len(submitted) + 3)
+    fail_at.add(len(submitted) + 3)
     reported = []
     while engine.has_unfinished():
         try:
