@@ -14,7 +14,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's limit (capped at 4096), or 2048 for the mock
     kvcache_block_size: int = 16
     num_kvcache_blocks: int | None = None  # None: as many as the runner's memory budget holds
-    kv_cache_memory_bytes: int | None = None  # CPU byte budget for the KV cache
+    kv_cache_memory_bytes: int | None = None  # KV cache byte budget; overrides gpu_memory_utilization
     # fraction of what JAX's allocator may use (XLA_PYTHON_CLIENT_MEM_FRACTION of the card, 0.75 by
     # default) for weights + KV cache + activations
     gpu_memory_utilization: float = 0.9

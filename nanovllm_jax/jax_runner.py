@@ -271,9 +271,10 @@ class JaxRunner:
     def _blocks_from_budget(self) -> int:
         config = self.config
         useful = config.max_num_seqs * config.max_blocks_per_seq  # every sequence at full length
-        if self.platform == "cpu":
-            budget = config.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
-            cap = useful if config.kv_cache_memory_bytes is None else None
+        if config.kv_cache_memory_bytes is not None:  # as in vLLM, an explicit budget wins everywhere
+            budget, cap = config.kv_cache_memory_bytes, None
+        elif self.platform == "cpu":
+            budget, cap = CPU_KV_CACHE_BYTES, useful
         else:
             stats = jax.devices()[0].memory_stats() or {}
             limit = stats.get("bytes_limit", 0)
@@ -287,7 +288,7 @@ class JaxRunner:
         if blocks < 1:
             raise ValueError(
                 f"the KV cache budget ({budget} bytes) holds no {self.block_size}-token block ({self._block_bytes()} "
-                "bytes): raise kv_cache_memory_bytes (CPU) or gpu_memory_utilization, or set num_kvcache_blocks")
+                "bytes): raise kv_cache_memory_bytes or gpu_memory_utilization, or set num_kvcache_blocks")
         return int(min(blocks, cap) if cap else blocks)
 
     # ---- compilation ----------------------------------------------------------------------

@@ -239,6 +239,17 @@ def test_a_kv_budget_below_one_block_is_a_clear_error(model_dirs, xla_cache):
         LLM(str(model_dirs["llama3"]), backend="jax", compilation_cache_dir=xla_cache, kv_cache_memory_bytes=1000)
 
 
+def test_an_explicit_kv_budget_wins_on_every_platform():
+    from types import SimpleNamespace
+
+    from nanovllm_jax.config import EngineConfig
+    from nanovllm_jax.jax_runner import JaxRunner
+
+    gpu_runner = SimpleNamespace(platform="gpu", config=EngineConfig(max_model_len=128, kv_cache_memory_bytes=10_500),
+                                 _block_bytes=lambda: 1000)
+    assert JaxRunner._blocks_from_budget(gpu_runner) == 10
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux's memory-mapping limit")
 def test_too_few_memory_mappings_left_is_a_clear_error(model_dirs, xla_cache, monkeypatch):
     """Past vm.max_map_count XLA:CPU's JIT fails to allocate and the process crashes: the runner
