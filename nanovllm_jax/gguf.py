@@ -71,7 +71,7 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     if not gguf_path.is_file():
         raise ValueError(f"GGUF file not found: {gguf_path}")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_root / f"{file_hash(gguf_path)}-{dtype}-v{CONVERTER_VERSION}"
+    target = cache_root / f"{memoized_file_hash(gguf_path, cache_root / 'hashes')}-{dtype}-v{CONVERTER_VERSION}"
     if (target / "config.json").is_file():
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -111,8 +111,29 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanovllm_jax" / "gguf"
 
 
+def memoized_file_hash(path: Path, memo_dir: Path) -> str:
+    """`file_hash`, remembered under `memo_dir` for this exact file: reading a 40 GB GGUF again on every
+    load takes minutes. Any write to the file (or a `touch`, `cp -p` over it) changes its ctime."""
+    st = path.stat()
+    identity = f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    memo = memo_dir / xxhash.xxh3_128_hexdigest(identity.encode())
+    try:
+        return memo.read_text()
+    except OSError:
+        pass
+    digest = file_hash(path)
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        scratch = scratch_path(memo_dir, memo.name)
+        scratch.write_text(digest)
+        os.replace(scratch, memo)
+    except OSError:  # a read-only shared cache: hash again next time
+        pass
+    return digest
+
+
 def file_hash(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
-    """xxh3-128 of the whole file: fast enough (GB/s) to run on every load."""
+    """xxh3-128 of the whole file (GB/s, but a disk reads large files far slower)."""
     digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):

@@ -252,6 +252,30 @@ def test_output_dtype_and_cache_keying(synthetic, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scratch-")]
 
 
+def test_the_file_hash_is_remembered_until_the_file_changes(synthetic, tmp_path, monkeypatch):
+    from nanovllm_jax import gguf
+
+    gguf_path = tmp_path / "model.gguf"
+    shutil.copy(synthetic["llama"]["gguf"], gguf_path)
+    hashed = []
+    monkeypatch.setattr(gguf, "file_hash", lambda path: hashed.append(path) or xxhash_of(path))
+    first = convert_gguf(gguf_path, cache_dir=tmp_path)
+    assert convert_gguf(gguf_path, cache_dir=tmp_path) == first and len(hashed) == 1
+    data = bytearray(gguf_path.read_bytes())
+    data[-1] ^= 1  # same size, mtime put back: only the ctime tells
+    stat = gguf_path.stat()
+    time.sleep(0.05)  # past the kernel's coarse timestamp tick
+    gguf_path.write_bytes(bytes(data))
+    os.utime(gguf_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert convert_gguf(gguf_path, cache_dir=tmp_path) != first and len(hashed) == 2
+
+
+def xxhash_of(path) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(open(path, "rb").read())
+
+
 def test_a_killed_conversions_scratch_is_removed_and_the_cache_is_readable_by_others(synthetic, tmp_path):
     killed, running = tmp_path / ".scratch-1-0000-killed", tmp_path / ".scratch-2-0000-still-writing"
     for scratch in (killed, running):
