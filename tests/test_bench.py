@@ -16,7 +16,7 @@ def test_bench_on_the_mock_reports_every_field(tmp_path):
     assert run["output_tok_s"] > 0 and run["total_tok_s"] > run["output_tok_s"]
     for key in ("ttft_ms", "tpot_ms", "itl_ms"):
         assert run[key]["p50"] <= run[key]["p99"]
-    assert run["compilations_after_warmup"] == 0 and run["process_peak_rss_mb"] > run["rss_held_mb"] >= 0
+    assert run["compilations_after_warmup"] is None and run["process_peak_rss_mb"] > run["rss_held_mb"] >= 0
     assert result["workload"]["num_seqs"] == 6
 
 
