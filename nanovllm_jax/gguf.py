@@ -21,6 +21,8 @@ import xxhash
 
 CONVERTER_VERSION = 4  # bump when the output of a conversion changes, so stale caches are not reused
 SCRATCH_TTL_S = 24 * 3600
+STALE_ENTRY_TTL_S = 30 * 24 * 3600
+_ENTRY_NAME = re.compile(r"[0-9a-f]{32}-(?:float32|bfloat16|float16)-v(\d+)")
 
 # GGUF general.architecture -> (HF architectures entry, HF model_type)
 ARCHITECTURES = {
@@ -73,8 +75,13 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_root / f"{memoized_file_hash(gguf_path, cache_root / 'hashes')}-{dtype}-v{CONVERTER_VERSION}"
     if (target / "config.json").is_file():
+        try:
+            os.utime(target)  # marks it in use for remove_stale_entries
+        except OSError:  # a read-only shared cache
+            pass
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_entries(cache_root)
     tmp = scratch_path(cache_root, target.name)
     tmp.mkdir()  # with the umask's mode, so other users can read a shared cache
     try:
@@ -87,6 +94,21 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def remove_stale_entries(cache_root: Path) -> None:
+    """Remove entries an older converter wrote (~1 GB each for the default model) once unused for a month.
+    A process still reading one keeps its open files: Linux frees them only when closed."""
+    for entry in cache_root.iterdir():
+        match = _ENTRY_NAME.fullmatch(entry.name)
+        if not match or int(match[1]) >= CONVERTER_VERSION:
+            continue
+        try:
+            if time.time() - entry.stat().st_mtime < STALE_ENTRY_TTL_S:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def scratch_path(directory: Path, name: str) -> Path:

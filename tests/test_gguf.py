@@ -276,6 +276,23 @@ def xxhash_of(path) -> str:
     return xxhash.xxh3_128_hexdigest(open(path, "rb").read())
 
 
+def test_an_older_converters_entries_are_removed_once_unused_for_a_month(synthetic, tmp_path):
+    from nanovllm_jax.gguf import CONVERTER_VERSION, STALE_ENTRY_TTL_S
+
+    old_name = f"{'a' * 32}-float32-v{CONVERTER_VERSION - 1}"
+    stale, recent, unrelated = tmp_path / old_name, tmp_path / old_name.replace("a", "b"), tmp_path / "notes-v1"
+    for entry in (stale, recent, unrelated):
+        entry.mkdir()
+    long_ago = time.time() - STALE_ENTRY_TTL_S - 60
+    for entry in (stale, unrelated):
+        os.utime(entry, (long_ago, long_ago))
+    current = convert_gguf(synthetic["llama"]["gguf"], cache_dir=tmp_path)
+    assert not stale.exists() and recent.exists() and unrelated.exists()
+    os.utime(current, (long_ago, long_ago))
+    assert convert_gguf(synthetic["llama"]["gguf"], cache_dir=tmp_path) == current
+    assert time.time() - current.stat().st_mtime < 60  # a hit marks its entry in use
+
+
 def test_a_killed_conversions_scratch_is_removed_and_the_cache_is_readable_by_others(synthetic, tmp_path):
     killed, running = tmp_path / ".scratch-1-0000-killed", tmp_path / ".scratch-2-0000-still-writing"
     for scratch in (killed, running):
