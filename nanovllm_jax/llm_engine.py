@@ -1,7 +1,9 @@
 """The engine loop: add requests, schedule a step, run it on the backend, apply stop rules."""
 from __future__ import annotations
 
+import functools
 import itertools
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +22,15 @@ from nanovllm_jax.sequence import PENDING, Sequence, SequenceStatus
 from nanovllm_jax.tokenizer import Tokenizer, load_tokenizer
 
 Prompt = str | list[int]
+
+
+def _serialized(method):
+    """Runs under the engine's lock: another thread may abort() while generate() steps."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 def create_backend(config: EngineConfig) -> tuple[ModelRunner, Tokenizer]:
@@ -83,6 +94,7 @@ class LLMEngine:
         self._in_flight: _InFlight | None = None
         self._unreported: dict[int, _Request] = {}  # aborted since the last step, which reports them
         self._carried: list[StreamDelta] = []  # read by a step whose read-back then failed: the next step returns them
+        self._lock = threading.RLock()
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -106,13 +118,15 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("prompt is empty")
         max_len = self.config.max_model_len
-        if len(token_ids) + params.max_tokens > max_len:
+        max_tokens = self._max_tokens(params, len(token_ids))
+        if params.max_tokens is None and max_tokens < 1:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) leaves no room in max_model_len ({max_len})")
+        if len(token_ids) + max_tokens > max_len:
             raise ValueError(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"max_model_len ({max_len})"
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len ({max_len})"
             )
         # the last token sampled is never fed back, so it needs no K/V slot
-        needed = self.block_manager.blocks_needed(len(token_ids) + params.max_tokens - 1)
+        needed = self.block_manager.blocks_needed(len(token_ids) + max_tokens - 1)
         if needed > self.block_manager.num_blocks:
             raise ValueError(
                 f"request needs {needed} KV blocks but the cache holds {self.block_manager.num_blocks}; "
@@ -123,6 +137,11 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids must be < vocab size {self.runner.vocab_size}, got {bad_stop}")
         return token_ids
 
+    def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
+        """max_tokens None: as many as max_model_len leaves (as in vLLM)."""
+        return params.max_tokens if params.max_tokens is not None else self.config.max_model_len - prompt_len
+
+    @_serialized
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
         params = params if params is not None else SamplingParams()
         token_ids = self.validate(prompt, params)
@@ -130,7 +149,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else xxhash.xxh32_intdigest(
             f"{self.config.seed}:{request_id}".encode()
         )
-        seq = Sequence(request_id, token_ids, params, seed)
+        seq = Sequence(request_id, token_ids, params, seed, self._max_tokens(params, len(token_ids)))
         banned = [] if params.min_tokens == 0 else sorted(
             set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         )
@@ -145,6 +164,7 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
+    @_serialized
     def abort(self, request_id: int) -> None:
         """Stop a request; the next step reports it finished with finish_reason "abort"."""
         request = self.requests.get(request_id)
@@ -152,10 +172,12 @@ class LLMEngine:
             self.scheduler.finish(request.seq, "abort")
             self._unreported[request_id] = request
 
+    @_serialized
     def has_unfinished(self) -> bool:
         """Requests still running, or with news step() has not returned yet."""
         return self.scheduler.has_unfinished() or bool(self._unreported) or bool(self._carried)
 
+    @_serialized
     def get_output(self, request_id: int) -> RequestOutput:
         request = self.requests.get(request_id)
         if request is None:
@@ -172,6 +194,7 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
         )
 
+    @_serialized
     def release(self, request_id: int) -> RequestOutput:
         """The finished request's output; the engine forgets it."""
         output = self.get_output(request_id)
@@ -183,6 +206,7 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
 
+    @_serialized
     def step(self) -> list[StreamDelta]:
         """Schedule and submit one step, then read back the step submitted before it (so the device
         runs this one meanwhile); returns what each request that progressed in that one gained."""
@@ -339,7 +363,7 @@ class LLMEngine:
     def _stop_text_or_length_reason(self, request: _Request) -> str | None:
         if self._found_stop_string(request):
             return "stop"
-        if request.seq.num_output_tokens >= request.seq.params.max_tokens:
+        if request.seq.num_output_tokens >= request.seq.max_tokens:
             return "length"
         return None
 

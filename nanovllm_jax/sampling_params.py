@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, fields
+
+import numpy as np
 
 SAMPLING_EPS = 1e-5  # as in vLLM: a temperature below this samples greedily
 FLOAT32_MAX = 3.4028234663852886e38  # temperature and repetition_penalty reach the samplers as float32
@@ -14,7 +17,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
-    max_tokens: int = 64
+    max_tokens: int | None = 64  # None: as many as max_model_len leaves
     min_tokens: int = 0
     ignore_eos: bool = False
     stop: str | list[str] | None = None
@@ -25,14 +28,19 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # numpy scalars (np.int64(32), np.float32(0.7)) as Python numbers
+            setattr(self, f.name, _plain_number(getattr(self, f.name)))
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be None or a list, got {value!r}")
+            setattr(self, name, [_plain_number(v) for v in value or []])
         _check_float("temperature", self.temperature, 0.0, FLOAT32_MAX, "[0, 3.4e38] (finite)")
-        _check_int("top_k", self.top_k, -1, "-1 (off) or >= 1")
-        if self.top_k == 0:
-            raise ValueError("top_k must be -1 (off) or >= 1, got 0")
+        _check_int("top_k", self.top_k, -1, "-1 or 0 (off) or >= 1")
+        if self.top_k == 0:  # vLLM takes 0 as off, as HF generation configs write it
+            self.top_k = -1
         _check_float("top_p", self.top_p, 0.0, 1.0, "(0, 1]")
         if self.top_p == 0.0:
             raise ValueError("top_p must be in (0, 1], got 0.0")
@@ -41,9 +49,12 @@ class SamplingParams:
             _check_int("seed", self.seed, 0, "None or an integer in [0, 2**32)")
             if self.seed >= 2**32:
                 raise ValueError(f"seed must be None or an integer in [0, 2**32), got {self.seed}")
-        _check_int("max_tokens", self.max_tokens, 1, ">= 1")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1, "None or >= 1")
         _check_int("min_tokens", self.min_tokens, 0, ">= 0")
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
@@ -64,6 +75,16 @@ class SamplingParams:
         """Temperature 0, or one so small that logits / temperature would overflow: every backend
         gets temperature 0 for these (the engine builds the batch from this)."""
         return self.temperature < SAMPLING_EPS
+
+
+def _plain_number(value):
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
 
 
 def _check_float(name: str, value, low: float, high: float, allowed: str) -> None:

@@ -16,13 +16,15 @@ class SequenceStatus(Enum):
 class Sequence:
     """One request: its tokens, how many of them have K/V in the cache, and its blocks."""
 
-    def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams, seed: int):
+    def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams, seed: int,
+                 max_tokens: int):
         self.seq_id = seq_id
         self.token_ids = list(prompt_token_ids)  # ends with num_pending PENDING placeholders
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_pending = 0
         self.params = params
         self.seed = seed
+        self.max_tokens = max_tokens  # params.max_tokens, or what max_model_len leaves when that is None
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # of the computed ones, how many came from the prefix cache
@@ -59,7 +61,7 @@ class Sequence:
     @property
     def max_tokens_in_flight(self) -> bool:
         """The last token max_tokens allows is sampled and not yet read back: nothing more to compute."""
-        return self.num_pending > 0 and self.num_sampled_tokens >= self.params.max_tokens
+        return self.num_pending > 0 and self.num_sampled_tokens >= self.max_tokens
 
     def add_pending(self) -> None:
         self.token_ids.append(PENDING)

@@ -11,7 +11,7 @@ from nanovllm_jax.sequence import Sequence, SequenceStatus
 
 
 def seq(i: int, tokens: list[int]) -> Sequence:
-    return Sequence(i, tokens, SamplingParams(), seed=0)
+    return Sequence(i, tokens, SamplingParams(), seed=0, max_tokens=64)
 
 
 def run_prefill(bm: BlockManager, s: Sequence) -> None:

@@ -114,7 +114,12 @@ def test_logprobs_are_log_softmax_of_the_model_logits(llm):
         (dict(temperature=float("inf")), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
         (dict(temperature=1e39), "temperature"),  # inf as float32
-        (dict(top_k=0), "top_k"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_k=np.float64(3.0)), "top_k"),
+        (dict(max_tokens=None, min_tokens=-1), "min_tokens"),
+        (dict(ignore_eos="yes"), "ignore_eos"),
+        (dict(stop=5), "stop"),
+        (dict(stop_token_ids=5), "stop_token_ids"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p=0.0), "top_p"),
         (dict(min_p=-0.5), "min_p"),
@@ -136,6 +141,22 @@ def test_logprobs_are_log_softmax_of_the_model_logits(llm):
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_take_numpy_scalars_and_vllm_defaults():
+    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(0), seed=np.uint32(3),
+                            max_tokens=np.int64(7), stop_token_ids=(np.int64(5),), ignore_eos=np.bool_(True))
+    assert (params.temperature, params.top_k, params.seed, params.max_tokens, params.stop_token_ids,
+            params.ignore_eos) == (0.5, -1, 3, 7, [5], True)
+    assert all(type(v) in (int, float, bool) for v in (params.top_k, params.seed, params.max_tokens,
+                                                         params.stop_token_ids[0], params.ignore_eos))
+
+
+def test_max_tokens_none_runs_to_max_model_len(llm):
+    out = llm.generate([[5] * 250], SamplingParams(max_tokens=None, **GREEDY), use_tqdm=False)[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="leaves no room"):
+        llm.generate([[5] * 256], SamplingParams(max_tokens=None), use_tqdm=False)
 
 
 def test_a_temperature_below_sampling_eps_is_greedy(llm):
@@ -633,3 +654,33 @@ def test_generate_cli_prints_each_prompt_and_its_text(capsys, llm):
     expected = llm.generate(["first prompt", "second"], SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)
     for prompt, result in zip(["first prompt", "second"], expected):
         assert f"### {prompt}\n{result.text}\n[6 tokens, length]" in out
+
+
+def test_abort_from_another_thread_while_generate_steps():
+    """The engine serializes its methods: abort() from another thread once broke a running step."""
+    import threading
+
+    llm = LLM(backend="mock", num_kvcache_blocks=30, kvcache_block_size=8)
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    expected = llm.generate("hello world", params, use_tqdm=False)[0].token_ids
+    stop, aborted = threading.Event(), []
+
+    def abort_some():
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            request_id = int(rng.integers(0, 400))
+            llm.engine.abort(request_id)
+            aborted.append(request_id)
+            stop.wait(0.0002)
+
+    thread = threading.Thread(target=abort_some)
+    thread.start()
+    try:
+        outs = [o for _ in range(10) for o in llm.generate(["hello world"] * 20, params, use_tqdm=False)]
+    finally:
+        stop.set()
+        thread.join()
+    assert {o.finish_reason for o in outs} == {"abort", "length"}
+    for out in outs:
+        assert out.token_ids == (expected if out.finish_reason == "length" else expected[: len(out.token_ids)])
+    assert llm.engine.block_manager.num_free_blocks == 30
