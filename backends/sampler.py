@@ -2,7 +2,8 @@
 
 Order: logprobs from the raw logits; penalties; banned ids; then greedy (temperature 0) or, as
 vLLM's v1 sampler: temperature, min-p, top-k, then top-p over the distribution that min-p and top-k
-kept, renormalized; then an inverse-CDF draw with a uniform keyed by (seed, context length).
+kept, renormalized; then an inverse-CDF draw with a uniform keyed by (seed, context length). A row
+holding a NaN or +inf has no distribution: its argmax stands in (the first NaN, else the first +inf).
 Top-k/top-p rank only the best CANDIDATES tokens of a row unless what min-p and top-k keep reaches
 past them and either its top-k or its nucleus does.
 """
@@ -107,10 +108,12 @@ def sample(
     contexts: list[np.ndarray] | None = None,
 ) -> StepOutput:
     """Sample one token per row of f32 `logits` [S, V]; `contexts` (token ids per row) feed the penalties."""
-    raw = logits = logits.astype(np.float32)
+    raw = logits.astype(np.float32)
     if sampling.needs_penalties:
         assert contexts is not None, "penalties need each row's context tokens"
-        logits = apply_penalties(logits, sampling, contexts)
+        logits = apply_penalties(raw, sampling, contexts)
+    else:
+        logits = raw.copy()  # the banned ids below must not reach the logprobs
     banned = sampling.banned_token_ids
     rows, cols = np.nonzero(banned >= 0)
     logits[rows, banned[rows, cols]] = -np.inf
@@ -118,21 +121,18 @@ def sample(
     tokens = np.empty(logits.shape[0], dtype=np.int32)
     for row in range(logits.shape[0]):
         temperature = float(sampling.temperature[row])
-        if temperature == 0.0:
-            tokens[row] = int(np.argmax(logits[row]))
+        scaled = logits[row] / temperature if temperature else logits[row]
+        if temperature == 0.0 or np.isnan(scaled.max()) or scaled.max() == np.inf:
+            tokens[row] = int(np.argmax(logits[row]))  # greedy; or no distribution: the first NaN, else +inf
             continue
-        filtered = filter_logits(
-            logits[row] / temperature, int(sampling.top_k[row]), float(sampling.top_p[row]), float(sampling.min_p[row])
-        )
+        filtered = filter_logits(scaled, int(sampling.top_k[row]), float(sampling.top_p[row]), float(sampling.min_p[row]))
         tokens[row] = draw(filtered, uniform(sampling.seeds[row], context_lens[row]))
 
     if sampling.num_logprobs == 0:
         return StepOutput(token_ids=tokens)
-    n = sampling.num_logprobs
     raw_logprobs = log_softmax(raw)
-    top = np.argpartition(-raw_logprobs, n - 1, axis=-1)[:, :n] if n < raw.shape[1] else np.tile(np.arange(n), (len(raw), 1))
-    top_lp = np.take_along_axis(raw_logprobs, top, axis=-1)
-    top = np.take_along_axis(top, np.lexsort((top, -top_lp), axis=-1), axis=-1).astype(np.int32)  # by value, then id
+    n = min(sampling.num_logprobs, raw.shape[1])
+    top = np.stack([ranking(row, n) for row in raw_logprobs]).astype(np.int32)
     return StepOutput(
         token_ids=tokens,
         logprobs=np.take_along_axis(raw_logprobs, tokens[:, None].astype(np.int64), axis=-1)[:, 0],

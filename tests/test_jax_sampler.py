@@ -313,3 +313,40 @@ def test_sampling_always_returns_an_id_of_the_row():
     with np.errstate(all="ignore"):  # inf - inf and the like: no distribution
         host = ref.sample(logits, sb, np.full(rows, 5), contexts).token_ids
     assert host[-1] == tokens[-1] == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_row_with_nan_or_inf_logits_takes_its_argmax_in_both_samplers(data, bad):
+    """No distribution to draw from: the first NaN, else the first +inf, whatever the filters."""
+    logits, contexts = data
+    logits = logits.copy()
+    logits[:, 10], logits[:, 20] = bad, bad
+    sb = batch(6, temperature=[0.0, 1.0, 1.0, 1.0, 0.7, 1.3], top_k=[0, 0, 5, 0, 0, 3],
+               top_p=[1, 1, 1, 0.5, 1, 0.9], min_p=[0, 0, 0, 0, 0.1, 0])
+    with np.errstate(all="ignore"):
+        host = ref.sample(logits, sb, np.array([len(c) for c in contexts]), contexts).token_ids
+    np.testing.assert_array_equal(host, np.full(6, 10))
+    np.testing.assert_array_equal(run(logits, sb, contexts).token_ids, host)
+
+
+def test_banned_ids_do_not_change_the_logprobs_of_either_sampler(data):
+    """Logprobs are of the raw logits: a stop id banned under min_tokens keeps its place in the top list."""
+    logits, contexts = data
+    best = np.argmax(logits, -1)
+    sb = batch(6, num_logprobs=3, banned_token_ids=best[:, None])
+    expected = ref.log_softmax(logits)
+    for out in (ref.sample(logits, sb, np.array([len(c) for c in contexts]), contexts), run(logits, sb, contexts)):
+        assert (out.token_ids != best).all()
+        np.testing.assert_array_equal(out.top_token_ids[:, 0], best)
+        np.testing.assert_allclose(out.logprobs, expected[np.arange(6), out.token_ids], rtol=1e-5, atol=1e-5)
+
+
+def test_top_logprobs_break_ties_by_lower_id_and_stop_at_the_vocabulary():
+    logits = np.zeros((2, 12), np.float32)
+    logits[:, [5, 9]] = 1.0
+    contexts = [np.arange(5, dtype=np.int32)] * 2
+    for num_logprobs, expected in ((5, [5, 9, 0, 1, 2]), (20, [5, 9, 0, 1, 2, 3, 4, 6, 7, 8, 10, 11])):
+        sb = batch(2, num_logprobs=num_logprobs)
+        host = ref.sample(logits, sb, np.full(2, 5), contexts).top_token_ids
+        np.testing.assert_array_equal(host, [expected] * 2)
+        np.testing.assert_array_equal(run(logits, sb, contexts).top_token_ids[:, : len(expected)], host)
