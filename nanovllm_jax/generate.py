@@ -44,8 +44,10 @@ def generate(args: argparse.Namespace, params: SamplingParams) -> None:
         prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
     if args.stream:
         for delta in llm.stream(prompts, params):
-            tag = f"[{delta.index}] " if len(prompts) > 1 else ""
-            print(f"{tag}{delta.text}", end="\n" if delta.finished or tag else "", flush=True)
+            if len(prompts) == 1:
+                print(delta.text, end="\n" if delta.finished else "", flush=True)
+            elif delta.text:  # interleaved: a line per piece, tagged with its prompt
+                print(f"[{delta.index}] {delta.text}", flush=True)
         return
     for prompt, out in zip(args.prompts, llm.generate(prompts, params)):
         print(f"### {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}]\n")

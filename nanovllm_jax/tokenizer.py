@@ -97,6 +97,8 @@ def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | N
     if not isinstance(bos, int) and "bos_token" in special_tokens:
         bos = tok.token_to_id(special_tokens["bos_token"])
     template = tok_config.get("chat_template")
+    if isinstance(template, list):  # named templates, as transformers stores several: the default one
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
     if template is None and (model_dir / "chat_template.jinja").exists():
         template = (model_dir / "chat_template.jinja").read_text()
     return eos, bos if isinstance(bos, int) else None, template, special_tokens

@@ -633,6 +633,9 @@ def test_chat_applies_the_model_chat_template(tmp_path):
     assert out.prompt_token_ids == llm.tokenizer.encode("<user>hi\n<assistant>yo</s>\n<user>more\n<assistant>")
     with pytest.raises(ValueError, match="no chat template"):
         LLM(backend="mock").chat(conversation)
+    named = [{"name": "tool_use", "template": "tools!"}, {"name": "default", "template": template}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named, "eos_token": "</s>"}))
+    assert LLM(str(tmp_path), backend="mock").chat_prompt(conversation) == out.prompt_token_ids
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -656,6 +659,22 @@ def test_generate_cli_prints_each_prompt_and_its_text(capsys, llm):
         assert f"### {prompt}\n{result.text}\n[6 tokens, length]" in out
 
 
+def test_generate_cli_streams_each_prompts_text(capsys, llm):
+    from nanovllm_jax import generate
+
+    prompts = ["first prompt", "second"]
+    flags = ["--backend", "mock", "--stream", "--max-tokens", "6", "--temperature", "0"]
+    expected = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)
+    generate.main([*flags, prompts[0]])
+    assert capsys.readouterr().out == expected[0].text + "\n"
+    generate.main([*flags, *prompts])
+    lines = capsys.readouterr().out.splitlines()
+    for index, result in enumerate(expected):
+        pieces = [line[4:] for line in lines if line.startswith(f"[{index}] ")]
+        assert all(pieces) and "".join(pieces) == result.text
+    assert len(lines) == sum(1 for line in lines if line[:4] in ("[0] ", "[1] "))
+
+
 def test_abort_from_another_thread_while_generate_steps():
     """The engine serializes its methods: abort() from another thread once broke a running step."""
     import threading
@@ -663,14 +682,13 @@ def test_abort_from_another_thread_while_generate_steps():
     llm = LLM(backend="mock", num_kvcache_blocks=30, kvcache_block_size=8)
     params = SamplingParams(max_tokens=30, **GREEDY)
     expected = llm.generate("hello world", params, use_tqdm=False)[0].token_ids
-    stop, aborted = threading.Event(), []
+    stop = threading.Event()
 
     def abort_some():
         rng = np.random.default_rng(0)
         while not stop.is_set():
             request_id = int(rng.integers(0, 400))
             llm.engine.abort(request_id)
-            aborted.append(request_id)
             stop.wait(0.0002)
 
     thread = threading.Thread(target=abort_some)
