@@ -157,3 +157,25 @@ def test_quantized_checkpoints_are_refused(tmp_path, monkeypatch):
     save_file(tensors, str(model_dir / "model.safetensors"))
     with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.down_proj\.weight' has dtype I8"):
         LLM(str(model_dir), backend="onnx", max_model_len=128)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks low_freq_factor"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "unsupported rope_type 'yarn'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}), "partial"),
+    (dict(num_attention_heads=4, num_key_value_heads=3), r"\(4\) is not a multiple of num_key_value_heads \(3\)"),
+    (dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], num_attention_heads=4,
+          num_key_value_heads=3), "not a multiple"),
+])
+def test_both_backends_refuse_a_bad_config_with_the_same_message(tmp_path, change, message):
+    """The exporter reads configs through the JAX backend's parsers: one set of checks for both."""
+    from backends.onnx.model_spec import read_spec
+    from nanovllm_jax.models import model_module
+
+    model_dir = build_tiny_model("qwen3", tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text()) | change
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        model_module(config).parse_config(config)
+    with pytest.raises(ValueError, match=message):
+        read_spec(model_dir)

@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from backends.onnx.model_spec import ModelSpec, rope_inv_freq
+from backends.onnx.model_spec import ModelSpec
+from nanovllm_jax.layers.rope import rope_inv_freq
 from backends.onnx.weight_writer import WeightWriter
 from backends.onnx.weights import SafetensorsDir, embedding, final_norm, layer_weights, lm_head
 
@@ -129,7 +130,7 @@ def build_graph(spec: ModelSpec, weights: SafetensorsDir, writer: WeightWriter) 
 def _rope_tables(b: _Builder, rope: dict, head_dim: int) -> tuple[str, str]:
     """cos/sin [T, 1, D/2] from positions, as transformers computes them (f32 position × inv_freq)."""
     pos = b.op("Unsqueeze", b.op("Cast", "positions", to=TensorProto.FLOAT), b.const([1]))  # [T, 1]
-    freqs = b.op("Mul", pos, b.const(rope_inv_freq(rope, head_dim), np.float32))  # [T, D/2]
+    freqs = b.op("Mul", pos, b.const(rope_inv_freq(head_dim, rope["rope_theta"], rope), np.float32))  # [T, D/2]
     freqs = b.op("Unsqueeze", freqs, b.const([1]))
     return b.op("Cos", freqs), b.op("Sin", freqs)
 

@@ -1,7 +1,6 @@
 """The shape of a decoder-only model, read from an HF config.json (Llama, Qwen2, Qwen3, Gemma 3 text)."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,31 +55,29 @@ class ModelSpec:
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:
+    """Read through the JAX backend's own config parsers: the same defaults, field spellings and checks."""
+    from nanovllm_jax.models import llama
+
     hf = loader.read_hf_config(model_dir)  # also refuses quantized checkpoints
-    c = hf.get("text_config", hf)
-    model_type = c.get("model_type")
+    model_type = hf.get("text_config", hf).get("model_type")
     if hf.get("model_type") == "gemma3" or model_type == "gemma3_text":
         return _gemma3_spec(hf)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"the ONNX exporter supports {', '.join(SUPPORTED_MODEL_TYPES)}; got model_type={model_type!r}")
-    if c.get("use_sliding_window"):
-        raise ValueError("sliding-window attention is supported for Gemma 3 only")
-    if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"only SwiGLU (hidden_act='silu') is supported for {model_type}, got {c['hidden_act']!r}")
-    num_heads = c["num_attention_heads"]
+    cfg = llama.parse_config(hf)
     return ModelSpec(
         architecture=model_type,
-        num_layers=c["num_hidden_layers"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_heads=num_heads,
-        num_kv_heads=c.get("num_key_value_heads") or num_heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
-        vocab_size=c["vocab_size"],
-        max_position_embeddings=c.get("max_position_embeddings", 4096),
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        rope=_rope_params(c),
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope=_rope_params(cfg.rope_theta, dict(cfg.rope_scaling or ())),
     )
 
 
@@ -111,47 +108,19 @@ def _gemma3_spec(hf: dict) -> ModelSpec:
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        rope=_rope_params({}, dict(cfg.rope_global)),
+        rope=_rope_params(dict(cfg.rope_global)["rope_theta"], dict(cfg.rope_global)),
         activation="gelu_tanh",
         attn_scale=cfg.query_pre_attn_scalar ** -0.5,
         embed_scale=float(np.float32(h ** 0.5)),
         norm_offset=1.0,
         sliding_window=cfg.sliding_window,
         layer_types=tuple("sliding" if s else "full" for s in cfg.sliding_layers),
-        rope_local=_rope_params({}, dict(cfg.rope_local)),
+        rope_local=_rope_params(dict(cfg.rope_local)["rope_theta"], dict(cfg.rope_local)),
     )
 
 
-def _rope_params(c: dict, params: dict | None = None) -> dict:
-    # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`
-    params = dict(params or c.get("rope_parameters") or c.get("rope_scaling") or {})
-    params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
-    params["rope_type"] = params.get("rope_type", params.pop("type", "default"))
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial rotary embeddings are not supported by the ONNX exporter")
-    if params["rope_type"] not in ("default", "linear", "llama3"):
-        raise ValueError(f"rope_type {params['rope_type']!r} is not supported (default, linear, llama3)")
-    return params
-
-
-def rope_inv_freq(rope: dict, dim: int) -> np.ndarray:
-    """f32[dim/2] inverse frequencies, computed in f32 the way transformers does."""
-    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = np.float32(1.0) / np.power(np.float32(rope["rope_theta"]), exponent, dtype=np.float32)
-    if rope["rope_type"] == "linear":
-        return (inv_freq / np.float32(rope["factor"])).astype(np.float32)
-    if rope["rope_type"] == "llama3":
-        return _llama3_inv_freq(inv_freq, rope)
-    return inv_freq
-
-
-def _llama3_inv_freq(inv_freq: np.ndarray, rope: dict) -> np.ndarray:
-    # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between.
-    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-    old_len = rope["original_max_position_embeddings"]
-    wavelen = np.float32(2 * math.pi) / inv_freq
-    scaled = np.where(wavelen > old_len / low, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
-    smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
-    smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
+def _rope_params(theta: float, scaling: dict) -> dict:
+    """rope_theta, rope_type and the type's parameters, as the graph reads them."""
+    params = dict(scaling)
+    params["rope_type"] = params.pop("rope_type", params.pop("type", "default"))
+    return params | {"rope_theta": float(theta)}

@@ -12,10 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 
 
+_REQUIRED_KEYS = {"linear": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
     """inv_freq[head_dim // 2] for the default, linear or llama3 rope types."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if (scaling or {}).get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor) are unsupported")
+    missing = [key for key in _REQUIRED_KEYS.get(rope_type, ()) if key not in scaling]
+    if missing:
+        raise ValueError(f"rope scaling of type {rope_type!r} lacks {', '.join(missing)}")
     if rope_type == "default":
         return inv_freq.astype(np.float32)
     if rope_type == "linear":

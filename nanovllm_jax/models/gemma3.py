@@ -22,7 +22,7 @@ from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
 from nanovllm_jax.models import ForwardInputs
-from nanovllm_jax.models.llama import GetTensor, layer_stacker, projection_params, write_kv
+from nanovllm_jax.models.llama import GetTensor, check_head_groups, layer_stacker, projection_params, write_kv
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 
@@ -106,6 +106,7 @@ def parse_config(hf: dict) -> Gemma3Config:
     # transformers' Gemma3ForConditionalGeneration never applies final_logit_softcapping (null in every
     # released Gemma 3 anyway).
     heads = hf["num_attention_heads"]
+    check_head_groups(heads, hf.get("num_key_value_heads") or heads)
     return Gemma3Config(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],

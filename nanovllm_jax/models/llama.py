@@ -52,6 +52,11 @@ class LlamaConfig:
         return self.num_kv_heads * self.head_dim
 
 
+def check_head_groups(heads: int, kv_heads: int) -> None:
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+
+
 def parse_config(hf: dict) -> LlamaConfig:
     """Read an HF config.json dict (transformers 4.x or 5.x field names)."""
     model_type = hf.get("model_type", "")
@@ -66,7 +71,9 @@ def parse_config(hf: dict) -> LlamaConfig:
     scaling = dict(hf.get("rope_scaling") or rope)
     scaling.pop("rope_theta", None)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_inv_freq(2, theta, scaling)  # fail on an unsupported type or a missing key now, not at load
     heads = hf["num_attention_heads"]
+    check_head_groups(heads, hf.get("num_key_value_heads") or heads)
     attention_bias = bool(hf.get("attention_bias", False))
     return LlamaConfig(
         vocab_size=hf["vocab_size"],
