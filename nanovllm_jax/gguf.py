@@ -9,19 +9,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import struct
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import xxhash
 
+from nanovllm_jax import disk_cache
+
 CONVERTER_VERSION = 4  # bump when the output of a conversion changes, so stale caches are not reused
-SCRATCH_TTL_S = 24 * 3600
-STALE_ENTRY_TTL_S = 30 * 24 * 3600
 _ENTRY_NAME = re.compile(r"[0-9a-f]{32}-(?:float32|bfloat16|float16)-v(\d+)")
 
 # GGUF general.architecture -> (HF architectures entry, HF model_type)
@@ -75,58 +73,23 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_root / f"{memoized_file_hash(gguf_path, cache_root / 'hashes')}-{dtype}-v{CONVERTER_VERSION}"
     if (target / "config.json").is_file():
-        try:
-            os.utime(target)  # marks it in use for remove_stale_entries
-        except OSError:  # a read-only shared cache
-            pass
+        disk_cache.mark_used(target)
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
-    remove_stale_entries(cache_root)
-    tmp = scratch_path(cache_root, target.name)
+    disk_cache.remove_unused(cache_root, _older_converters_entry)
+    tmp = disk_cache.scratch_path(cache_root, target.name)
     tmp.mkdir()  # with the umask's mode, so other users can read a shared cache
     try:
         write_hf_dir(gguf_path, tmp, dtype)
-        try:
-            os.rename(tmp, target)  # atomic: a dir under its final name is always complete
-        except OSError as e:
-            if not (target / "config.json").is_file():  # not a concurrent converter winning the race
-                raise OSError(f"cached conversion {target} is incomplete (emptied by hand?): delete it") from e
+        disk_cache.publish(tmp, target, lambda entry: (entry / "config.json").is_file())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def remove_stale_entries(cache_root: Path) -> None:
-    """Remove entries an older converter wrote (~1 GB each for the default model) once unused for a month.
-    A process still reading one keeps its open files: Linux frees them only when closed."""
-    for entry in cache_root.iterdir():
-        match = _ENTRY_NAME.fullmatch(entry.name)
-        if not match or int(match[1]) >= CONVERTER_VERSION:
-            continue
-        try:
-            if time.time() - entry.stat().st_mtime < STALE_ENTRY_TTL_S:
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-
-
-def scratch_path(directory: Path, name: str) -> Path:
-    """A path under `directory` to write `name` into before renaming it into place. Scratch untouched
-    for a day (a killed conversion's) is removed first: a running one writes far more often, and
-    whether its process is alive cannot be told across hosts or PID namespaces sharing a cache."""
-    for old in directory.glob(".scratch-*"):
-        try:
-            entries = [old, *old.iterdir()] if old.is_dir() else [old]
-            if time.time() - max(p.stat().st_mtime for p in entries) < SCRATCH_TTL_S:
-                continue
-        except OSError:  # renamed into place or removed meanwhile
-            continue
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    return directory / f".scratch-{os.getpid()}-{secrets.token_hex(4)}-{name}"
+def _older_converters_entry(entry: Path) -> bool:
+    match = _ENTRY_NAME.fullmatch(entry.name)
+    return bool(match) and int(match[1]) < CONVERTER_VERSION
 
 
 def default_cache_dir() -> Path:
@@ -146,7 +109,7 @@ def memoized_file_hash(path: Path, memo_dir: Path) -> str:
     digest = file_hash(path)
     try:
         memo_dir.mkdir(parents=True, exist_ok=True)
-        scratch = scratch_path(memo_dir, memo.name)
+        scratch = disk_cache.scratch_path(memo_dir, memo.name)
         scratch.write_text(digest)
         os.replace(scratch, memo)
     except OSError:  # a read-only shared cache: hash again next time

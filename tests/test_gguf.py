@@ -277,13 +277,14 @@ def xxhash_of(path) -> str:
 
 
 def test_an_older_converters_entries_are_removed_once_unused_for_a_month(synthetic, tmp_path):
-    from nanovllm_jax.gguf import CONVERTER_VERSION, STALE_ENTRY_TTL_S
+    from nanovllm_jax.disk_cache import UNUSED_TTL_S
+    from nanovllm_jax.gguf import CONVERTER_VERSION
 
     old_name = f"{'a' * 32}-float32-v{CONVERTER_VERSION - 1}"
     stale, recent, unrelated = tmp_path / old_name, tmp_path / old_name.replace("a", "b"), tmp_path / "notes-v1"
     for entry in (stale, recent, unrelated):
         entry.mkdir()
-    long_ago = time.time() - STALE_ENTRY_TTL_S - 60
+    long_ago = time.time() - UNUSED_TTL_S - 60
     for entry in (stale, unrelated):
         os.utime(entry, (long_ago, long_ago))
     current = convert_gguf(synthetic["llama"]["gguf"], cache_dir=tmp_path)
@@ -417,7 +418,7 @@ def test_unsupported_quant_type(tmp_path):
                                 [("token_embd.weight", q8k_block, Q.Q8_K)])
     with pytest.raises(ValueError, match=r"q8k.gguf.*token_embd.weight.*unsupported quantization type Q8_K"):
         convert_gguf(path, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["hashes"]  # the file's hash only: no entry
 
 
 def test_unsupported_architecture(tmp_path):

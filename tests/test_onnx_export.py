@@ -3,9 +3,11 @@ a reload in a fresh process, and clear errors for a missing or corrupt .onnx fil
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +181,41 @@ def test_both_backends_refuse_a_bad_config_with_the_same_message(tmp_path, chang
         model_module(config).parse_config(config)
     with pytest.raises(ValueError, match=message):
         read_spec(model_dir)
+
+
+def test_the_export_cache_is_keyed_by_the_exporters_code_and_repairs_nothing_silently(tmp_path, monkeypatch):
+    from backends.onnx import export
+    from nanovllm_jax.disk_cache import UNUSED_TTL_S
+
+    monkeypatch.setenv("NANOVLLM_JAX_ONNX_CACHE", str(tmp_path / "cache"))
+    model_dir = build_tiny_model("qwen3", tmp_path / "hf")
+    unused, killed = tmp_path / "cache" / ("a" * 32), tmp_path / "cache" / ".scratch-1-0000-killed"
+    for stale in (unused, killed):
+        stale.mkdir(parents=True)
+        os.utime(stale, (time.time() - UNUSED_TTL_S - 60,) * 2)
+    entry = export.ensure_exported(model_dir)
+    assert not unused.exists() and not killed.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert entry.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by others sharing the cache
+    code = shutil.copytree(Path(export.__file__).parent, tmp_path / "exporter")
+    (code / "graph.py").write_text((code / "graph.py").read_text() + "\n# a fix\n")
+    with monkeypatch.context() as patched:
+        patched.setattr(export, "__file__", str(code / "export.py"))
+        assert export.checkpoint_hash(model_dir) != entry.name
+    (entry / DATA_FILE).unlink()
+    with pytest.raises(OSError, match=f"{entry} is incomplete.*delete it"):
+        export.ensure_exported(model_dir)
+    shutil.rmtree(entry)
+    assert export.ensure_exported(model_dir) == entry and (entry / DATA_FILE).exists()
+
+
+def test_export_in_place(tmp_path):
+    from backends.onnx.export import export_model
+
+    model_dir = build_tiny_model("qwen3", tmp_path / "hf")
+    export_model(model_dir, model_dir)
+    in_place, elsewhere = (LLM(str(d), backend="onnx", max_model_len=128)
+                           for d in (model_dir, export_model(model_dir, tmp_path / "elsewhere")))
+    assert [o.token_ids for o in in_place.generate(PROMPTS, GREEDY, use_tqdm=False)] == \
+        [o.token_ids for o in elsewhere.generate(PROMPTS, GREEDY, use_tqdm=False)]

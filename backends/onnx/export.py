@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,11 +22,13 @@ from backends.onnx.graph import OPSET, build_graph
 from backends.onnx.model_spec import read_spec
 from backends.onnx.weight_writer import WeightWriter
 from backends.onnx.weights import SafetensorsDir
+from nanovllm_jax import disk_cache
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 METADATA_FILE = "onnx_metadata.json"
 FORMAT_VERSION = 2  # bump when the graph's inputs or outputs change; invalidates cached exports
+_EXPORTER_FILES = ("export.py", "graph.py", "model_spec.py", "weights.py", "weight_writer.py")
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 
@@ -44,8 +46,9 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     onnx.save_model(model, out_dir / MODEL_FILE)
     onnx.checker.check_model(str(out_dir / MODEL_FILE))  # by path: checks the external data too
     for name in _COPIED:
-        if (model_dir / name).exists():
-            shutil.copy(model_dir / name, out_dir / name)
+        source, copy = model_dir / name, out_dir / name
+        if source.exists() and not (copy.exists() and copy.samefile(source)):  # the same file: exported in place
+            shutil.copy(source, copy)
     metadata = {
         "format_version": FORMAT_VERSION,
         "opset": OPSET,
@@ -63,14 +66,21 @@ def is_exported_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / METADATA_FILE).exists()
 
 
+def _is_complete(entry: Path) -> bool:
+    return all((entry / name).exists() for name in (METADATA_FILE, MODEL_FILE, DATA_FILE))
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("NANOVLLM_JAX_ONNX_CACHE", Path.home() / ".cache" / "nanovllm_jax" / "onnx"))
 
 
 def checkpoint_hash(model_dir: str | os.PathLike) -> str:
-    """Content hash of the config and weights: a changed checkpoint never reuses a stale export."""
+    """Hash of the exporter's code, the config and the weights: a changed checkpoint or exporter never
+    reuses a stale export."""
     h = xxhash.xxh3_128()
     h.update(FORMAT_VERSION.to_bytes(4, "little"))
+    for name in _EXPORTER_FILES:
+        h.update((Path(__file__).parent / name).read_bytes())
     model_dir = Path(model_dir)
     for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
         h.update(path.name.encode())
@@ -85,23 +95,22 @@ def ensure_exported(model_dir: str | os.PathLike) -> Path:
     if is_exported_dir(model_dir):
         return Path(model_dir)
     read_spec(model_dir)  # an unsupported or quantized checkpoint fails here, before hashing its weights
-    target = cache_root() / checkpoint_hash(model_dir)
-    if is_exported_dir(target):
+    root = cache_root()
+    target = root / checkpoint_hash(model_dir)
+    if _is_complete(target):
+        disk_cache.mark_used(target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # export beside the target, then rename: a crash or a concurrent export never leaves half a dir
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    root.mkdir(parents=True, exist_ok=True)
+    disk_cache.remove_unused(root, lambda entry: re.fullmatch(r"[0-9a-f]{32}", entry.name) is not None)
+    # export aside, then rename: a crash or a concurrent export never leaves half a dir
+    tmp = disk_cache.scratch_path(root, target.name)
     start = time.perf_counter()
     try:
         export_model(model_dir, tmp)
-    except BaseException:
+        if disk_cache.publish(tmp, target, _is_complete):
+            print(f"exported {model_dir} to ONNX in {time.perf_counter() - start:.1f}s: {target}")
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported {model_dir} to ONNX in {time.perf_counter() - start:.1f}s: {target}")
     return target
 
 
@@ -111,7 +120,10 @@ def main() -> None:
     parser.add_argument("out_dir", help="where to write the exported model dir")
     args = parser.parse_args()
     start = time.perf_counter()
-    out = export_model(args.model_dir, args.out_dir)
+    try:
+        out = export_model(args.model_dir, args.out_dir)
+    except ValueError as e:  # e.g. no such dir, an unsupported model: one line, not a traceback
+        parser.exit(1, f"error: {e}\n")
     size = (out / DATA_FILE).stat().st_size / 2**20
     print(f"wrote {out / MODEL_FILE} (+ {DATA_FILE}, {size:.1f} MiB) in {time.perf_counter() - start:.1f}s")
 

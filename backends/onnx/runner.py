@@ -114,7 +114,10 @@ def _open_session(path: Path) -> ort.InferenceSession:
     if not path.with_name(DATA_FILE).exists():
         raise ValueError(f"ONNX weight file {path.with_name(DATA_FILE)} is missing; re-export the model dir")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(os.environ.get("NANOVLLM_JAX_ONNX_THREADS", 0))  # 0: all cores
+    threads = os.environ.get("NANOVLLM_JAX_ONNX_THREADS", "0")  # 0: all cores
+    if not threads.isdigit():
+        raise ValueError(f"NANOVLLM_JAX_ONNX_THREADS must be a number of threads (0: all cores), got {threads!r}")
+    options.intra_op_num_threads = int(threads)
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
