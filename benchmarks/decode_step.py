@@ -102,10 +102,8 @@ def main() -> None:
 def _parts(runner: JaxRunner, step: StepBatch, repeats: int) -> tuple[float, float, float]:
     """Median ms of the host packing, the forward program and the sampler program, each alone."""
     from nanovllm_jax.buckets import bucket_for
-    from nanovllm_jax.jax_runner import MIN_BANNED_COLUMNS
 
-    layout, forward, sampler = runner._programs(bucket_for(step.num_tokens, runner._token_buckets),
-                                                MIN_BANNED_COLUMNS, False)
+    layout, forward, sampler = runner._programs(bucket_for(step.num_tokens, runner._token_buckets), False)
     pack, fwd, sample = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from nanovllm_jax import jax_runner  # noqa: E402
 from nanovllm_jax.models import gemma3, llama  # noqa: E402
 from nanovllm_jax.random_models import RANDOM_CONFIGS  # noqa: E402
+from nanovllm_jax.runner import MAX_BANNED_IDS  # noqa: E402
 from nanovllm_jax.step_packing import SeqLayout  # noqa: E402
 
 # The H200's device description as XLA's GPU compiler reads it (GH100: sm_90, 132 SMs).
@@ -90,7 +91,7 @@ def model_shapes(name: str, unroll: bool = False):
 def forward_hlo(module, cfg, params, tokens: int, seqs: int, slots: int) -> str:
     """The optimized HLO of the runner's forward program for a (tokens, seqs) bucket, as on an H200."""
     tiling = jax_runner.TILINGS["gpu"]  # 16-token blocks, tables of 256 (4096-token sequences)
-    layout = jax_runner.step_layout(tiling, cfg, SeqLayout(seqs, 256, 16, 16), tokens, tiling.max_chunk_tokens // 16,
+    layout = jax_runner.step_layout(tiling, cfg, SeqLayout(seqs, 256, MAX_BANNED_IDS, 16), tokens, tiling.max_chunk_tokens // 16,
                                     slots)
     mesh = topologies.make_mesh(topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H200),
                                 (1,), ("x",))

@@ -24,19 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanovllm_jax.buckets import bucket_for, buckets, step_buckets
+from nanovllm_jax.buckets import bucket_for, step_buckets
 from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.hugepages import advise_huge_pages
 from nanovllm_jax.layers.attention_kernel import query_tile
 from nanovllm_jax.layers.sampler import SampleOutput, sample
 from nanovllm_jax.loader import DTYPES, load_model
-from nanovllm_jax.runner import SamplingBatch, StepBatch, StepOutput
+from nanovllm_jax.runner import MAX_BANNED_IDS, SamplingBatch, StepBatch, StepOutput
 from nanovllm_jax.step_packing import SeqLayout, StepLayout
 
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default CPU budget (capped at what max_num_seqs full-length sequences use)
-MIN_BANNED_COLUMNS = 16
 
 
 @dataclass(frozen=True)
@@ -250,12 +249,12 @@ class JaxRunner:
         self._sample_jit = jax.jit(partial(_sample_step, max_seqs=self.max_seqs), static_argnames=("layout", "adjust"))
         self._no_tokens = jnp.zeros((self.max_seqs,), jnp.int32)  # prev_tokens before any step
         self._last_step: _Pending | None = None  # its tokens are the next step's prev_rows inputs
-        self._forward_programs: dict[tuple[int, int], tuple[StepLayout, object]] = {}
+        self._forward_programs: dict[int, tuple[StepLayout, object]] = {}
         self._sample_programs: dict[tuple[SeqLayout, bool], object] = {}
         start = time.perf_counter()
         for tokens, _ in self.buckets:
             for adjust in (False, True):
-                self._programs(tokens, MIN_BANNED_COLUMNS, adjust)
+                self._programs(tokens, adjust)
         self._run_each_program_once()
         self.warmup_seconds = time.perf_counter() - start
         log.info("jax runner: %d forward + %d sampler programs compiled in %.1fs",
@@ -293,27 +292,26 @@ class JaxRunner:
 
     # ---- compilation ----------------------------------------------------------------------
 
-    def _layout(self, tokens: int, banned: int) -> StepLayout:
-        seq = SeqLayout(self._seq_bucket[tokens], self.table_width, banned, self.block_size)
+    def _layout(self, tokens: int) -> StepLayout:
+        seq = SeqLayout(self._seq_bucket[tokens], self.table_width, MAX_BANNED_IDS, self.block_size)
         return step_layout(self.tiling, self.model_config, seq, tokens, self.max_pages_per_chunk, self.num_slots)
 
-    def _programs(self, tokens: int, banned: int, adjust: bool):
+    def _programs(self, tokens: int, adjust: bool):
         """(layout, forward program, sampler program) for a bucket, compiled ahead of time once.
         `adjust`: the sampler applies penalties and banned ids (a second sampler program per bucket)."""
-        key = (tokens, banned)
-        if key not in self._forward_programs:
-            layout = self._layout(tokens, banned)
+        if tokens not in self._forward_programs:
+            layout = self._layout(tokens)
             packed = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
             try:
                 lowered = self._forward_jit.lower(self.params, self.k_cache, self.v_cache, self.token_cache,
                                                   self._no_tokens, packed, layout=layout)
-                self._forward_programs[key] = (layout, self._compile(lowered))
+                self._forward_programs[tokens] = (layout, self._compile(lowered))
             except Exception as e:
                 if not layout.query_tile:
                     raise
                 raise RuntimeError(f"the Pallas attention kernel failed to build for {tokens}-token steps "
                                    "on this GPU; NANOVLLM_JAX_ATTENTION=xla uses the pure-JAX attention") from e
-        layout, forward = self._forward_programs[key]
+        layout, forward = self._forward_programs[tokens]
         if (layout.seq, adjust) not in self._sample_programs:
             logits = jax.ShapeDtypeStruct((layout.seq.seqs, self.vocab_size), jnp.float32)
             section = jax.ShapeDtypeStruct((layout.seq.size,), jnp.int32)
@@ -351,12 +349,9 @@ class JaxRunner:
 
     def submit(self, batch: StepBatch) -> _Pending:
         tokens = bucket_for(batch.num_tokens, self._token_buckets)
-        banned = max(MIN_BANNED_COLUMNS, batch.sampling.banned_token_ids.shape[1])
-        if banned > MIN_BANNED_COLUMNS:  # rare (many stop ids under min_tokens): one more program
-            banned = bucket_for(banned, buckets(1 << 20))
         sp = batch.sampling
         adjust = sp.needs_penalties or bool((sp.banned_token_ids >= 0).any())
-        layout, forward, sampler = self._programs(tokens, banned, adjust)
+        layout, forward, sampler = self._programs(tokens, adjust)
         assert batch.num_seqs <= layout.seq.seqs, (batch.num_seqs, layout)
         packed = jax.device_put(layout.pack(batch))
         prev_tokens = self._last_step.sampled().token_ids if self._last_step else self._no_tokens

@@ -15,7 +15,7 @@ from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.default_model import resolve_model
 from nanovllm_jax.detokenizer import IncrementalDetokenizer
 from nanovllm_jax.outputs import Logprob, RequestOutput, StreamDelta
-from nanovllm_jax.runner import ModelRunner, PendingOutput, SamplingBatch, StepBatch
+from nanovllm_jax.runner import MAX_BANNED_IDS, ModelRunner, PendingOutput, SamplingBatch, StepBatch
 from nanovllm_jax.sampling_params import SamplingParams
 from nanovllm_jax.scheduler import ScheduledBatch, Scheduler
 from nanovllm_jax.sequence import PENDING, Sequence, SequenceStatus
@@ -135,7 +135,16 @@ class LLMEngine:
         bad_stop = [t for t in params.stop_token_ids if t >= self.runner.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids must be < vocab size {self.runner.vocab_size}, got {bad_stop}")
+        if len(self._banned_ids(params)) > MAX_BANNED_IDS:
+            raise ValueError(f"with min_tokens, stop_token_ids and the EOS ids ({len(self._banned_ids(params))} in "
+                             f"all) may number at most {MAX_BANNED_IDS}")
         return token_ids
+
+    def _banned_ids(self, params: SamplingParams) -> list[int]:
+        """The ids masked while a request is below min_tokens."""
+        if params.min_tokens == 0:
+            return []
+        return sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         """max_tokens None: as many as max_model_len leaves (as in vLLM)."""
@@ -150,16 +159,13 @@ class LLMEngine:
             f"{self.config.seed}:{request_id}".encode()
         )
         seq = Sequence(request_id, token_ids, params, seed, self._max_tokens(params, len(token_ids)))
-        banned = [] if params.min_tokens == 0 else sorted(
-            set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        )
         self.requests[request_id] = _Request(
             seq=seq,
             prompt=prompt if isinstance(prompt, str) else None,
             detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids),
             logprobs=[] if params.logprobs is not None else None,
             max_stop_len=max((len(s) for s in params.stop), default=0),
-            banned_ids=banned,
+            banned_ids=self._banned_ids(params),
         )
         self.scheduler.add(seq)
         return request_id

@@ -12,6 +12,11 @@ from typing import Protocol
 import numpy as np
 
 
+# Stop and EOS ids a request may have masked while below min_tokens: one fixed width keeps the shapes of
+# the JAX backend's programs, all compiled at warm-up (every backend takes the same requests)
+MAX_BANNED_IDS = 32
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
     """Per-sequence sampling parameters, one row per scheduled sequence."""
@@ -25,7 +30,7 @@ class SamplingBatch:
     presence_penalty: np.ndarray  # f32[S]; over output tokens
     frequency_penalty: np.ndarray  # f32[S]; over output tokens
     prompt_lens: np.ndarray  # i32[S]; context tokens past this are outputs (for the penalties)
-    banned_token_ids: np.ndarray  # i32[S, K]; -1 padded; stop ids masked while below min_tokens
+    banned_token_ids: np.ndarray  # i32[S, K <= MAX_BANNED_IDS]; -1 padded; stop ids masked while below min_tokens
     num_logprobs: int  # top-N logprobs to return (max over rows); 0: no row wants logprobs at all
 
     @property

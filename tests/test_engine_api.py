@@ -159,6 +159,18 @@ def test_max_tokens_none_runs_to_max_model_len(llm):
         llm.generate([[5] * 256], SamplingParams(max_tokens=None), use_tqdm=False)
 
 
+def test_min_tokens_masks_at_most_max_banned_ids(llm):
+    from nanovllm_jax.runner import MAX_BANNED_IDS
+
+    ids = list(range(100, 100 + MAX_BANNED_IDS))
+    out = llm.generate(PROMPTS[0], SamplingParams(min_tokens=3, max_tokens=5, stop_token_ids=ids, **GREEDY),
+                       use_tqdm=False)[0]
+    assert len(out.token_ids) >= 3 and not set(out.token_ids[:3]) & set(ids)
+    with pytest.raises(ValueError, match=f"may number at most {MAX_BANNED_IDS}"):
+        llm.generate(PROMPTS[0], SamplingParams(min_tokens=3, stop_token_ids=ids + [99], **GREEDY), use_tqdm=False)
+    assert llm.generate(PROMPTS[0], SamplingParams(stop_token_ids=ids + [99], max_tokens=2), use_tqdm=False)
+
+
 def test_a_temperature_below_sampling_eps_is_greedy(llm):
     """As in vLLM; logits / 1e-44 overflow float32, which once drew the out-of-vocabulary id 1024."""
     greedy = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, **GREEDY), use_tqdm=False)[0]

@@ -182,6 +182,7 @@ def test_no_compilation_after_warmup(model_dirs, xla_cache, prompts):
         SamplingParams(temperature=0.9, top_p=0.8, seed=1, max_tokens=20, ignore_eos=True),
         SamplingParams(temperature=1.1, top_k=7, min_p=0.05, max_tokens=9, logprobs=3, ignore_eos=True),
         SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.2, max_tokens=12, min_tokens=3),
+        SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=list(range(100, 128)), max_tokens=8),
     ]
     for round_ in range(3):
         batch = [prompts[i] for i in rng.permutation(len(prompts))[: 2 + 2 * round_]]
