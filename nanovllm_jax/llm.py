@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ class LLM:
         # one that steps the engine gets every request's deltas: it keeps the others' for their owners.
         self._open: set[int] = set()  # the requests of open calls
         self._backlog: dict[int, list[StreamDelta]] = {}  # deltas that one call stepped for another
+        self._lock = threading.RLock()  # calls may run in several threads: they hand deltas over under it
 
     @property
     def tokenizer(self):
@@ -95,8 +97,9 @@ class LLM:
         params = _per_prompt(sampling_params, len(prompts))
         for prompt, p in zip(prompts, params):  # validate all first: a bad prompt adds nothing
             self.engine.validate(prompt, p)
-        ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
-        self._open.update(ids)
+        with self._lock:
+            ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+            self._open.update(ids)
         return ids
 
     def _steps(self, ids: list[int]) -> Iterator[list[StreamDelta]]:
@@ -104,27 +107,30 @@ class LLM:
         another call left for them, else the next engine step's. Another open call's deltas are kept for it."""
         mine, finished = set(ids), set()
         while len(finished) < len(ids):
-            deltas = [d for i in ids for d in self._backlog.pop(i, [])] if self._backlog else []
-            ours = []
-            for delta in deltas or self.engine.step():
-                if delta.request_id in mine:
-                    ours.append(delta)
-                    if delta.finished:
-                        finished.add(delta.request_id)
-                elif delta.request_id in self._open:
-                    self._backlog.setdefault(delta.request_id, []).append(delta)
-            if not ours and (gone := [i for i in ids if i not in finished and i not in self.engine.requests]):
+            with self._lock:
+                deltas = [d for i in ids for d in self._backlog.pop(i, [])] if self._backlog else []
+                ours = []
+                for delta in deltas or self.engine.step():
+                    if delta.request_id in mine:
+                        ours.append(delta)
+                        if delta.finished:
+                            finished.add(delta.request_id)
+                    elif delta.request_id in self._open:
+                        self._backlog.setdefault(delta.request_id, []).append(delta)
+                gone = [] if ours else [i for i in ids if i not in finished and i not in self.engine.requests]
+            if gone:
                 raise RuntimeError(f"requests {gone} were released (engine.release) while this call waited on them")
             yield ours
 
     def _abort_unfinished(self, ids: list[int], finished: dict) -> None:
         """A call ends (done, failed or closed early): abort and forget what it left running."""
-        for request_id in ids:
-            self._open.discard(request_id)
-            self._backlog.pop(request_id, None)
-            if request_id not in finished and request_id in self.engine.requests:
-                self.engine.abort(request_id)
-                self.engine.release(request_id)
+        with self._lock:
+            for request_id in ids:
+                self._open.discard(request_id)
+                self._backlog.pop(request_id, None)
+                if request_id not in finished and request_id in self.engine.requests:
+                    self.engine.abort(request_id)
+                    self.engine.release(request_id)
 
 
 def _as_list(prompts) -> list[Prompt]:

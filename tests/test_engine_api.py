@@ -714,3 +714,23 @@ def test_abort_from_another_thread_while_generate_steps():
     for out in outs:
         assert out.token_ids == (expected if out.finish_reason == "length" else expected[: len(out.token_ids)])
     assert llm.engine.block_manager.num_free_blocks == 30
+
+
+def test_generate_from_several_threads_at_once(llm):
+    import threading
+
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    prompts = [f"prompt number {i} " * (1 + i % 5) for i in range(8)]
+    expected = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    results: dict[int, list] = {}
+
+    def run(k):
+        results[k] = [[o.token_ids for o in llm.generate(prompts[k::2], params, use_tqdm=False)] for _ in range(10)]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results[0] == [expected[0::2]] * 10 and results[1] == [expected[1::2]] * 10
+    assert not llm.engine.requests and not llm._open and not llm._backlog
