@@ -118,8 +118,8 @@ def _open_session(path: Path) -> ort.InferenceSession:
     if not threads.isdigit():
         raise ValueError(f"NANOVLLM_JAX_ONNX_THREADS must be a number of threads (0: all cores), got {threads!r}")
     options.intra_op_num_threads = int(threads)
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    # CPU only: the KV cache is a host array fed to every step, which on CUDA would copy all of it per step
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a bad file
         raise ValueError(f"cannot load ONNX model file {path} (corrupt? re-export it): {e}") from e
