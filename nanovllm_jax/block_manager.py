@@ -82,10 +82,12 @@ class BlockManager:
                 del self.free_queue[block_id]
             block.ref_count += 1
         seq.block_table = list(cached)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_size
-        if self.enable_prefix_caching:
-            self.prefix_query_tokens += len(seq)
-            self.prefix_hit_tokens += seq.num_cached_tokens
+        seq.num_computed_tokens = len(cached) * self.block_size
+        if seq.num_preemptions == 0:  # as in vLLM: a resumed request finding its own blocks is no prefix hit
+            seq.num_cached_tokens = seq.num_computed_tokens
+            if self.enable_prefix_caching:
+                self.prefix_query_tokens += len(seq)
+                self.prefix_hit_tokens += seq.num_cached_tokens
         self.append_blocks(seq, num_new_tokens)
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -103,7 +105,10 @@ class BlockManager:
             return
         bs = self.block_size
         hashes = seq.block_hashes
-        for i in range(len(hashes), min(seq.num_computed_tokens, seq.num_known_tokens) // bs):
+        num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // bs
+        if num_full <= len(hashes):  # most steps: a decode inside its last block
+            return
+        for i in range(len(hashes), num_full):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
             h = chain_hash(hashes[-1] if hashes else None, tokens)
             hashes.append(h)

@@ -27,7 +27,8 @@ class Sequence:
         self.max_tokens = max_tokens  # params.max_tokens, or what max_model_len leaves when that is None
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0  # of the computed ones, how many came from the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
+        self.num_preemptions = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the leading full computed blocks
         self.finish_reason: str | None = None

@@ -114,3 +114,16 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
 def test_block_size_must_be_a_power_of_two_from_8(bad):
     with pytest.raises(ValueError, match="kvcache_block_size"):
         EngineConfig(backend="mock", kvcache_block_size=bad).validate()
+
+
+def test_a_resumed_request_finding_its_own_blocks_is_no_prefix_hit():
+    """As in vLLM, num_cached_tokens and the hit rate count a request's first admission only."""
+    bm = BlockManager(num_blocks=8, block_size=8)
+    a = seq(0, list(range(17)))
+    run_prefill(bm, a)
+    bm.free(a)  # preempted: its blocks stay cached
+    a.num_preemptions += 1
+    cached = bm.match_prefix(a)
+    bm.admit(a, cached, 1)
+    assert len(cached) == 2 and a.num_computed_tokens == 16
+    assert a.num_cached_tokens == 0 and (bm.prefix_hit_tokens, bm.prefix_query_tokens) == (0, 17)
