@@ -95,10 +95,8 @@ class LLM:
 
     def _add_all(self, prompts: list[Prompt], sampling_params: ParamsArg) -> list[int]:
         params = _per_prompt(sampling_params, len(prompts))
-        for prompt, p in zip(prompts, params):  # validate all first: a bad prompt adds nothing
-            self.engine.validate(prompt, p)
         with self._lock:
-            ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+            ids = self.engine.add_requests(prompts, params)
             self._open.update(ids)
         return ids
 

@@ -150,10 +150,16 @@ class LLMEngine:
         """max_tokens None: as many as max_model_len leaves (as in vLLM)."""
         return params.max_tokens if params.max_tokens is not None else self.config.max_model_len - prompt_len
 
-    @_serialized
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
-        params = params if params is not None else SamplingParams()
-        token_ids = self.validate(prompt, params)
+        return self.add_requests([prompt], [params if params is not None else SamplingParams()])[0]
+
+    def add_requests(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[int]:
+        """Validate every request first (a bad one adds none), then add them all; returns their ids."""
+        token_ids = [self.validate(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        with self._lock:
+            return [self._add(*request) for request in zip(prompts, params, token_ids)]
+
+    def _add(self, prompt: Prompt, params: SamplingParams, token_ids: list[int]) -> int:
         request_id = next(self._ids)
         seed = params.seed if params.seed is not None else xxhash.xxh32_intdigest(
             f"{self.config.seed}:{request_id}".encode()
