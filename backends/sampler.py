@@ -38,7 +38,8 @@ CANDIDATES = 256
 
 def ranking(logits: np.ndarray, k: int) -> np.ndarray:
     """The ids of the k best logits of a row, by value, then lower id first (exactly k, whatever the
-    ties at the k-th value)."""
+    ties at the k-th value); NaN ranks as -inf."""
+    logits = np.where(np.isnan(logits), -np.inf, logits)
     n = len(logits)
     if k >= n:
         return np.argsort(-logits, kind="stable")

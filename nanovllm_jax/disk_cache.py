@@ -31,15 +31,26 @@ def scratch_path(directory: Path, name: str) -> Path:
     return directory / f".scratch-{os.getpid()}-{secrets.token_hex(4)}-{name}"
 
 
+def lookup(target: Path, is_complete: Callable[[Path], bool]) -> bool:
+    """Whether `target` holds a complete entry (then marked used). One missing files was damaged by
+    hand: an error naming it, rather than a repair racing other processes."""
+    if is_complete(target):
+        mark_used(target)
+        return True
+    if target.exists():
+        raise OSError(f"cache entry {target} is incomplete (files deleted by hand?): delete it")
+    return False
+
+
 def publish(scratch: Path, target: Path, is_complete: Callable[[Path], bool]) -> bool:
     """Rename the finished `scratch` dir to `target` (atomic: a dir under its final name is always
     complete); False when a concurrent writer got there first. The caller removes the scratch."""
     try:
         os.rename(scratch, target)
         return True
-    except OSError as e:
-        if not is_complete(target):  # not a concurrent writer winning the race
-            raise OSError(f"cache entry {target} is incomplete (files deleted by hand?): delete it") from e
+    except OSError:
+        if not lookup(target, is_complete):
+            raise
         return False
 
 
@@ -47,19 +58,33 @@ def mark_used(entry: Path) -> None:
     """Its mtime records the last use, for remove_unused."""
     try:
         os.utime(entry)
-    except OSError:  # a read-only shared cache
+    except OSError:  # a read-only shared cache, or another user's entry
         pass
 
 
 def remove_unused(root: Path, is_removable: Callable[[Path], bool], ttl_s: float = UNUSED_TTL_S) -> None:
-    """Remove the entries `is_removable` picks that were not used for `ttl_s`. A process still reading one
-    keeps its open files: Linux frees them only once closed."""
+    """Remove the entries `is_removable` picks that were not used for `ttl_s`. Each is first renamed
+    aside, so that no reader finds it half deleted (one that opened its files keeps them: Linux frees
+    them once closed), and put back if a use touched it in between."""
     for entry in root.iterdir():
-        if not is_removable(entry):
+        if not is_removable(entry) or _used_within(entry, ttl_s):
+            continue
+        doomed = scratch_path(root, "removed")
+        try:
+            os.rename(entry, doomed)
+        except OSError:  # removed or renamed meanwhile
             continue
         try:
-            if time.time() - entry.stat().st_mtime < ttl_s:
+            if _used_within(doomed, ttl_s):
+                os.rename(doomed, entry)
                 continue
-        except OSError:
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
+        except OSError:  # a new entry took its place meanwhile
+            pass
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _used_within(entry: Path, ttl_s: float) -> bool:
+    try:
+        return time.time() - entry.stat().st_mtime < ttl_s
+    except OSError:
+        return True  # gone meanwhile: leave it

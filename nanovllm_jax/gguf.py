@@ -72,8 +72,7 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
         raise ValueError(f"GGUF file not found: {gguf_path}")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_root / f"{memoized_file_hash(gguf_path, cache_root / 'hashes')}-{dtype}-v{CONVERTER_VERSION}"
-    if (target / "config.json").is_file():
-        disk_cache.mark_used(target)
+    if disk_cache.lookup(target, _is_converted):
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
     disk_cache.remove_unused(cache_root, _older_converters_entry)
@@ -81,10 +80,14 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     tmp.mkdir()  # with the umask's mode, so other users can read a shared cache
     try:
         write_hf_dir(gguf_path, tmp, dtype)
-        disk_cache.publish(tmp, target, lambda entry: (entry / "config.json").is_file())
+        disk_cache.publish(tmp, target, _is_converted)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _is_converted(entry: Path) -> bool:
+    return all((entry / name).is_file() for name in ("config.json", "model.safetensors"))
 
 
 def _older_converters_entry(entry: Path) -> bool:
@@ -103,12 +106,16 @@ def memoized_file_hash(path: Path, memo_dir: Path) -> str:
     identity = f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
     memo = memo_dir / xxhash.xxh3_128_hexdigest(identity.encode())
     try:
-        return memo.read_text()
+        digest = memo.read_text()
+        if re.fullmatch(r"[0-9a-f]{32}", digest):  # not a memo a crash left half written
+            disk_cache.mark_used(memo)
+            return digest
     except OSError:
         pass
     digest = file_hash(path)
     try:
         memo_dir.mkdir(parents=True, exist_ok=True)
+        disk_cache.remove_unused(memo_dir, lambda entry: entry.is_file())  # memos of files moved or gone
         scratch = disk_cache.scratch_path(memo_dir, memo.name)
         scratch.write_text(digest)
         os.replace(scratch, memo)

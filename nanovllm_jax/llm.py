@@ -91,7 +91,7 @@ class LLM:
     def reset_prefix_cache(self) -> bool:
         """Drop every cached prefix block (e.g. between benchmark runs of the same prompts).
         Returns False, changing nothing, while requests are still running."""
-        return self.engine.block_manager.reset_prefix_cache()
+        return self.engine.reset_prefix_cache()
 
     def _add_all(self, prompts: list[Prompt], sampling_params: ParamsArg) -> list[int]:
         params = _per_prompt(sampling_params, len(prompts))

@@ -119,8 +119,10 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         max_len = self.config.max_model_len
         max_tokens = self._max_tokens(params, len(token_ids))
-        if params.max_tokens is None and max_tokens < 1:
-            raise ValueError(f"prompt ({len(token_ids)} tokens) leaves no room in max_model_len ({max_len})")
+        implied = " (max_tokens=None: up to max_model_len)" if params.max_tokens is None else ""
+        if params.max_tokens is None and max_tokens < max(params.min_tokens, 1):
+            raise ValueError(f"prompt ({len(token_ids)} tokens) leaves no room for min_tokens "
+                             f"({params.min_tokens}) or one token in max_model_len ({max_len})")
         if len(token_ids) + max_tokens > max_len:
             raise ValueError(
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len ({max_len})"
@@ -129,15 +131,16 @@ class LLMEngine:
         needed = self.block_manager.blocks_needed(len(token_ids) + max_tokens - 1)
         if needed > self.block_manager.num_blocks:
             raise ValueError(
-                f"request needs {needed} KV blocks but the cache holds {self.block_manager.num_blocks}; "
+                f"request needs {needed} KV blocks{implied} but the cache holds {self.block_manager.num_blocks}; "
                 "raise num_kvcache_blocks or lower max_tokens"
             )
         bad_stop = [t for t in params.stop_token_ids if t >= self.runner.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids must be < vocab size {self.runner.vocab_size}, got {bad_stop}")
-        if len(self._banned_ids(params)) > MAX_BANNED_IDS:
-            raise ValueError(f"with min_tokens, stop_token_ids and the EOS ids ({len(self._banned_ids(params))} in "
-                             f"all) may number at most {MAX_BANNED_IDS}")
+        banned = len(self._banned_ids(params))
+        if banned > MAX_BANNED_IDS:
+            raise ValueError(f"with min_tokens, stop_token_ids and the EOS ids ({banned} in all) may number "
+                             f"at most {MAX_BANNED_IDS}")
         return token_ids
 
     def _banned_ids(self, params: SamplingParams) -> list[int]:
@@ -175,6 +178,11 @@ class LLMEngine:
         )
         self.scheduler.add(seq)
         return request_id
+
+    @_serialized
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block; False, changing nothing, while requests are still running."""
+        return self.block_manager.reset_prefix_cache()
 
     @_serialized
     def abort(self, request_id: int) -> None:

@@ -34,9 +34,9 @@ class SamplingParams:
             self.stop = [self.stop]
         for name in ("stop", "stop_token_ids"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, (list, tuple)):
+            if value is not None and not isinstance(value, (list, tuple, set, frozenset, np.ndarray)):
                 raise ValueError(f"{name} must be None or a list, got {value!r}")
-            setattr(self, name, [_plain_number(v) for v in value or []])
+            setattr(self, name, [_plain_number(v) for v in (value if value is not None else [])])
         _check_float("temperature", self.temperature, 0.0, FLOAT32_MAX, "[0, 3.4e38] (finite)")
         _check_int("top_k", self.top_k, -1, "-1 or 0 (off) or >= 1")
         if self.top_k == 0:  # vLLM takes 0 as off, as HF generation configs write it
@@ -82,7 +82,7 @@ def _plain_number(value):
         return bool(value)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+    if isinstance(value, numbers.Real) and type(value) not in (float, bool):  # np.float32, np.float64 (a float subclass)
         return float(value)
     return value
 

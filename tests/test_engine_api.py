@@ -144,12 +144,13 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
 
 
 def test_sampling_params_take_numpy_scalars_and_vllm_defaults():
-    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(0), seed=np.uint32(3),
-                            max_tokens=np.int64(7), stop_token_ids=(np.int64(5),), ignore_eos=np.bool_(True))
-    assert (params.temperature, params.top_k, params.seed, params.max_tokens, params.stop_token_ids,
-            params.ignore_eos) == (0.5, -1, 3, 7, [5], True)
-    assert all(type(v) in (int, float, bool) for v in (params.top_k, params.seed, params.max_tokens,
-                                                         params.stop_token_ids[0], params.ignore_eos))
+    params = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.5), top_k=np.int64(0),
+                            seed=np.uint32(3), max_tokens=np.int64(7), stop_token_ids=np.array([5]),
+                            ignore_eos=np.bool_(True))
+    values = (params.temperature, params.top_p, params.top_k, params.seed, params.max_tokens,
+              params.stop_token_ids[0], params.ignore_eos)
+    assert values == (0.5, 0.5, -1, 3, 7, 5, True)
+    assert [type(v) for v in values] == [float, float, int, int, int, int, bool]
 
 
 def test_max_tokens_none_runs_to_max_model_len(llm):
@@ -157,6 +158,11 @@ def test_max_tokens_none_runs_to_max_model_len(llm):
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
     with pytest.raises(ValueError, match="leaves no room"):
         llm.generate([[5] * 256], SamplingParams(max_tokens=None), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"leaves no room for min_tokens \(10\)"):
+        llm.generate([[5] * 250], SamplingParams(max_tokens=None, min_tokens=10), use_tqdm=False)
+    small = LLM(backend="mock", max_model_len=256, num_kvcache_blocks=4)
+    with pytest.raises(ValueError, match=r"max_tokens=None: up to max_model_len"):
+        small.generate([[5] * 10], SamplingParams(max_tokens=None), use_tqdm=False)
 
 
 def test_min_tokens_masks_at_most_max_banned_ids(llm):

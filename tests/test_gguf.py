@@ -261,13 +261,16 @@ def test_the_file_hash_is_remembered_until_the_file_changes(synthetic, tmp_path,
     monkeypatch.setattr(gguf, "file_hash", lambda path: hashed.append(path) or xxhash_of(path))
     first = convert_gguf(gguf_path, cache_dir=tmp_path)
     assert convert_gguf(gguf_path, cache_dir=tmp_path) == first and len(hashed) == 1
+    (memo,) = (tmp_path / "hashes").iterdir()
+    memo.write_text("")  # as a crash mid-write may leave it
+    assert convert_gguf(gguf_path, cache_dir=tmp_path) == first and len(hashed) == 2
     data = bytearray(gguf_path.read_bytes())
     data[-1] ^= 1  # same size, mtime put back: only the ctime tells
     stat = gguf_path.stat()
     time.sleep(0.05)  # past the kernel's coarse timestamp tick
     gguf_path.write_bytes(bytes(data))
     os.utime(gguf_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert convert_gguf(gguf_path, cache_dir=tmp_path) != first and len(hashed) == 2
+    assert convert_gguf(gguf_path, cache_dir=tmp_path) != first and len(hashed) == 3
 
 
 def xxhash_of(path) -> str:

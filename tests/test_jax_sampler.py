@@ -1,6 +1,8 @@
 """The on-device sampler against the numpy reference (backends/sampler.py) on its deterministic parts."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -323,10 +325,14 @@ def test_a_row_with_nan_or_inf_logits_takes_its_argmax_in_both_samplers(data, ba
     logits[:, 10], logits[:, 20] = bad, bad
     sb = batch(6, temperature=[0.0, 1.0, 1.0, 1.0, 0.7, 1.3], top_k=[0, 0, 5, 0, 0, 3],
                top_p=[1, 1, 1, 0.5, 1, 0.9], min_p=[0, 0, 0, 0, 0.1, 0])
-    with np.errstate(all="ignore"):
-        host = ref.sample(logits, sb, np.array([len(c) for c in contexts]), contexts).token_ids
-    np.testing.assert_array_equal(host, np.full(6, 10))
-    np.testing.assert_array_equal(run(logits, sb, contexts).token_ids, host)
+    for num_logprobs in (0, 3):
+        sb = dataclasses.replace(sb, num_logprobs=num_logprobs)
+        with np.errstate(all="ignore"):
+            host = ref.sample(logits, sb, np.array([len(c) for c in contexts]), contexts)
+        np.testing.assert_array_equal(host.token_ids, np.full(6, 10))
+        np.testing.assert_array_equal(run(logits, sb, contexts).token_ids, host.token_ids)
+        if num_logprobs:
+            assert ((host.top_token_ids >= 0) & (host.top_token_ids < VOCAB)).all()
 
 
 def test_banned_ids_do_not_change_the_logprobs_of_either_sampler(data):

@@ -183,29 +183,33 @@ def test_both_backends_refuse_a_bad_config_with_the_same_message(tmp_path, chang
         read_spec(model_dir)
 
 
-def test_the_export_cache_is_keyed_by_the_exporters_code_and_repairs_nothing_silently(tmp_path, monkeypatch):
+def test_the_export_cache_is_keyed_by_the_exporter_and_repairs_nothing_silently(tmp_path, monkeypatch):
     from backends.onnx import export
     from nanovllm_jax.disk_cache import UNUSED_TTL_S
 
     monkeypatch.setenv("NANOVLLM_JAX_ONNX_CACHE", str(tmp_path / "cache"))
     model_dir = build_tiny_model("qwen3", tmp_path / "hf")
-    unused, killed = tmp_path / "cache" / ("a" * 32), tmp_path / "cache" / ".scratch-1-0000-killed"
-    for stale in (unused, killed):
+    cache = tmp_path / "cache"
+    unused, not_ours, killed = cache / ("a" * 32), cache / ("b" * 32), cache / ".scratch-1-0000-killed"
+    for stale in (unused, not_ours, killed):
         stale.mkdir(parents=True)
+    (unused / METADATA_FILE).write_text("{}")
+    for stale in (unused, not_ours, killed):
         os.utime(stale, (time.time() - UNUSED_TTL_S - 60,) * 2)
     entry = export.ensure_exported(model_dir)
-    assert not unused.exists() and not killed.exists()
+    assert not unused.exists() and not killed.exists() and not_ours.exists()
     umask = os.umask(0)
     os.umask(umask)
     assert entry.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by others sharing the cache
-    code = shutil.copytree(Path(export.__file__).parent, tmp_path / "exporter")
-    (code / "graph.py").write_text((code / "graph.py").read_text() + "\n# a fix\n")
     with monkeypatch.context() as patched:
-        patched.setattr(export, "__file__", str(code / "export.py"))
+        patched.setattr(export, "EXPORTER_VERSION", export.EXPORTER_VERSION + 1)
         assert export.checkpoint_hash(model_dir) != entry.name
     (entry / DATA_FILE).unlink()
-    with pytest.raises(OSError, match=f"{entry} is incomplete.*delete it"):
+    exported = []
+    with monkeypatch.context() as patched, pytest.raises(OSError, match=f"{entry} is incomplete.*delete it"):
+        patched.setattr(export, "export_model", lambda *args: exported.append(args))
         export.ensure_exported(model_dir)
+    assert not exported  # refused before exporting again
     shutil.rmtree(entry)
     assert export.ensure_exported(model_dir) == entry and (entry / DATA_FILE).exists()
 

@@ -27,8 +27,8 @@ from nanovllm_jax import disk_cache
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 METADATA_FILE = "onnx_metadata.json"
-FORMAT_VERSION = 2  # bump when the graph's inputs or outputs change; invalidates cached exports
-_EXPORTER_FILES = ("export.py", "graph.py", "model_spec.py", "weights.py", "weight_writer.py")
+FORMAT_VERSION = 2  # bump when the graph's inputs or outputs change: the runner refuses older exports
+EXPORTER_VERSION = 1  # bump when what an export holds changes (graph, weights, config reading, RoPE tables)
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 
@@ -70,17 +70,19 @@ def _is_complete(entry: Path) -> bool:
     return all((entry / name).exists() for name in (METADATA_FILE, MODEL_FILE, DATA_FILE))
 
 
+def _is_cache_entry(path: Path) -> bool:
+    return re.fullmatch(r"[0-9a-f]{32}", path.name) is not None and is_exported_dir(path)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("NANOVLLM_JAX_ONNX_CACHE", Path.home() / ".cache" / "nanovllm_jax" / "onnx"))
 
 
 def checkpoint_hash(model_dir: str | os.PathLike) -> str:
-    """Hash of the exporter's code, the config and the weights: a changed checkpoint or exporter never
-    reuses a stale export."""
+    """Hash of the exporter's versions, the config and the weights: a changed checkpoint or exporter
+    never reuses a stale export."""
     h = xxhash.xxh3_128()
-    h.update(FORMAT_VERSION.to_bytes(4, "little"))
-    for name in _EXPORTER_FILES:
-        h.update((Path(__file__).parent / name).read_bytes())
+    h.update(FORMAT_VERSION.to_bytes(4, "little") + EXPORTER_VERSION.to_bytes(4, "little"))
     model_dir = Path(model_dir)
     for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
         h.update(path.name.encode())
@@ -97,11 +99,10 @@ def ensure_exported(model_dir: str | os.PathLike) -> Path:
     read_spec(model_dir)  # an unsupported or quantized checkpoint fails here, before hashing its weights
     root = cache_root()
     target = root / checkpoint_hash(model_dir)
-    if _is_complete(target):
-        disk_cache.mark_used(target)
+    if disk_cache.lookup(target, _is_complete):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    disk_cache.remove_unused(root, lambda entry: re.fullmatch(r"[0-9a-f]{32}", entry.name) is not None)
+    disk_cache.remove_unused(root, _is_cache_entry)
     # export aside, then rename: a crash or a concurrent export never leaves half a dir
     tmp = disk_cache.scratch_path(root, target.name)
     start = time.perf_counter()

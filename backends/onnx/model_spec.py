@@ -59,14 +59,15 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
     from nanovllm_jax.models import llama
 
     hf = loader.read_hf_config(model_dir)  # also refuses quantized checkpoints
-    model_type = hf.get("text_config", hf).get("model_type")
-    if hf.get("model_type") == "gemma3" or model_type == "gemma3_text":
+    text = hf.get("text_config", hf)
+    if hf.get("model_type") == "gemma3" or text.get("model_type") == "gemma3_text":
         return _gemma3_spec(hf)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"the ONNX exporter supports {', '.join(SUPPORTED_MODEL_TYPES)}; got model_type={model_type!r}")
-    cfg = llama.parse_config(hf)
+    if text.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"the ONNX exporter supports {', '.join(SUPPORTED_MODEL_TYPES)}; "
+                         f"got model_type={text.get('model_type')!r}")
+    cfg = llama.parse_config(text)
     return ModelSpec(
-        architecture=model_type,
+        architecture=text["model_type"],
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -77,7 +78,7 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        rope=_rope_params(cfg.rope_theta, dict(cfg.rope_scaling or ())),
+        rope=_rope_params(dict(cfg.rope_scaling or ()), cfg.rope_theta),
     )
 
 
@@ -108,19 +109,21 @@ def _gemma3_spec(hf: dict) -> ModelSpec:
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        rope=_rope_params(dict(cfg.rope_global)["rope_theta"], dict(cfg.rope_global)),
+        rope=_rope_params(dict(cfg.rope_global)),
         activation="gelu_tanh",
         attn_scale=cfg.query_pre_attn_scalar ** -0.5,
         embed_scale=float(np.float32(h ** 0.5)),
         norm_offset=1.0,
         sliding_window=cfg.sliding_window,
         layer_types=tuple("sliding" if s else "full" for s in cfg.sliding_layers),
-        rope_local=_rope_params(dict(cfg.rope_local)["rope_theta"], dict(cfg.rope_local)),
+        rope_local=_rope_params(dict(cfg.rope_local)),
     )
 
 
-def _rope_params(theta: float, scaling: dict) -> dict:
+def _rope_params(params: dict, theta: float | None = None) -> dict:
     """rope_theta, rope_type and the type's parameters, as the graph reads them."""
-    params = dict(scaling)
+    params = dict(params)
     params["rope_type"] = params.pop("rope_type", params.pop("type", "default"))
-    return params | {"rope_theta": float(theta)}
+    if theta is not None:
+        params["rope_theta"] = theta
+    return params

@@ -115,7 +115,7 @@ def _open_session(path: Path) -> ort.InferenceSession:
         raise ValueError(f"ONNX weight file {path.with_name(DATA_FILE)} is missing; re-export the model dir")
     options = ort.SessionOptions()
     threads = os.environ.get("NANOVLLM_JAX_ONNX_THREADS", "0")  # 0: all cores
-    if not threads.isdigit():
+    if not (threads.isascii() and threads.isdigit()):
         raise ValueError(f"NANOVLLM_JAX_ONNX_THREADS must be a number of threads (0: all cores), got {threads!r}")
     options.intra_op_num_threads = int(threads)
     # CPU only: the KV cache is a host array fed to every step, which on CUDA would copy all of it per step
