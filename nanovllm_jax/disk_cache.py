@@ -24,10 +24,7 @@ def scratch_path(directory: Path, name: str) -> Path:
                 continue
         except OSError:  # renamed into place or removed meanwhile
             continue
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        _remove(old)
     return directory / f".scratch-{os.getpid()}-{secrets.token_hex(4)}-{name}"
 
 
@@ -80,7 +77,14 @@ def remove_unused(root: Path, is_removable: Callable[[Path], bool], ttl_s: float
                 continue
         except OSError:  # a new entry took its place meanwhile
             pass
-        shutil.rmtree(doomed, ignore_errors=True)
+        _remove(doomed)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _used_within(entry: Path, ttl_s: float) -> bool:

@@ -259,9 +259,13 @@ def test_the_file_hash_is_remembered_until_the_file_changes(synthetic, tmp_path,
     shutil.copy(synthetic["llama"]["gguf"], gguf_path)
     hashed = []
     monkeypatch.setattr(gguf, "file_hash", lambda path: hashed.append(path) or xxhash_of(path))
+    gone = tmp_path / "hashes" / "memo-of-a-file-deleted-long-ago"
+    gone.parent.mkdir()
+    gone.write_text("0" * 32)
+    os.utime(gone, (0, 0))
     first = convert_gguf(gguf_path, cache_dir=tmp_path)
     assert convert_gguf(gguf_path, cache_dir=tmp_path) == first and len(hashed) == 1
-    (memo,) = (tmp_path / "hashes").iterdir()
+    (memo,) = (tmp_path / "hashes").iterdir()  # the old memo was removed when this one was written
     memo.write_text("")  # as a crash mid-write may leave it
     assert convert_gguf(gguf_path, cache_dir=tmp_path) == first and len(hashed) == 2
     data = bytearray(gguf_path.read_bytes())
