@@ -80,3 +80,31 @@ def test_random_model_tensors_match_transformers(name):
         model = AutoModelForCausalLM.from_config(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert tensor_shapes(RANDOM_CONFIGS[name]) == expected
+
+
+def test_bench_random_weights_against_transformers(tmp_path, monkeypatch):
+    """--random-weights builds an architecture-shaped model once; --compare hf runs transformers on the
+    same prompts, credited each request's own output length; the JSON holds speedup_vs_hf."""
+    from nanovllm_jax import random_models
+
+    tiny = dict(random_models.RANDOM_CONFIGS["qwen3-0.6b"], hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024,
+                max_position_embeddings=512)
+    monkeypatch.setitem(random_models.RANDOM_CONFIGS, "tiny-qwen3", tiny)
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    monkeypatch.setenv("NANOVLLM_JAX_ONNX_CACHE", str(tmp_path / "onnx"))
+    out = tmp_path / "bench.json"
+    argv = ["--random-weights", "tiny-qwen3", "--backend", "onnx", "--compare", "hf", "--num-seqs", "3",
+            "--min-input-len", "4", "--max-input-len", "12", "--min-output-len", "2", "--max-output-len", "6"]
+    bench.main(argv + ["--json", str(out)])
+    workload = bench.make_workload(bench.parse_args(argv), 1024)
+    result = json.loads(out.read_text())
+    model_dir = tmp_path / "cache" / "random" / "tiny-qwen3"
+    assert result["model"] == str(model_dir) and json.loads((model_dir / "config.json").read_text())["hidden_size"] == 64
+    onnx, hf = result["runs"]
+    assert (onnx["engine"], hf["engine"]) == ("nanovllm_jax[onnx]", "transformers")
+    assert result["speedup_vs_hf"]["nanovllm_jax[onnx]"] == pytest.approx(onnx["output_tok_s"] / hf["output_tok_s"])
+    for run in (onnx, hf):  # counted the same way
+        assert run["output_tok_s"] * run["run_s"] == pytest.approx(workload.output_tokens)
+    assert hf["tokens_generated_with_padding"] == 3 * max(workload.output_lens)
+    assert hf["prompt_tokens_with_padding"] == 3 * max(map(len, workload.prompts))

@@ -1,0 +1,42 @@
+"""Cache entries shared by processes: atomic publish, a lost race, removal of unused entries."""
+import os
+import time
+
+import pytest
+
+from nanovllm_jax import disk_cache
+
+
+def complete(entry):
+    return (entry / "done").is_file()
+
+
+def written(directory, name):
+    scratch = disk_cache.scratch_path(directory, name)
+    scratch.mkdir()
+    (scratch / "done").write_text(name)
+    return scratch
+
+
+def test_publish_renames_into_place_and_a_concurrent_winner_is_kept(tmp_path):
+    target = tmp_path / "entry"
+    assert disk_cache.publish(written(tmp_path, "entry"), target, complete)
+    late = written(tmp_path, "entry")
+    assert not disk_cache.publish(late, target, complete)  # the first writer's entry stays
+    assert late.exists() and (target / "done").read_text() == "entry"
+    assert disk_cache.lookup(target, complete) and not disk_cache.lookup(tmp_path / "missing", complete)
+    (target / "done").unlink()
+    with pytest.raises(OSError, match="is incomplete"):
+        disk_cache.lookup(target, complete)
+
+
+def test_remove_unused_keeps_what_was_used_recently_or_is_not_picked(tmp_path):
+    old, recent, other, memo = tmp_path / "old", tmp_path / "recent", tmp_path / "other", tmp_path / "memo"
+    for entry in (old, recent, other):
+        entry.mkdir()
+    memo.write_text("x")
+    long_ago = time.time() - disk_cache.UNUSED_TTL_S - 60
+    for entry in (old, other, memo):
+        os.utime(entry, (long_ago, long_ago))
+    disk_cache.remove_unused(tmp_path, lambda entry: entry.name != "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "recent"]
