@@ -740,3 +740,23 @@ def test_generate_from_several_threads_at_once(llm):
         thread.join(timeout=120)
     assert results[0] == [expected[0::2]] * 10 and results[1] == [expected[1::2]] * 10
     assert not llm.engine.requests and not llm._open and not llm._backlog
+
+
+def test_a_model_dir_without_tokenizer_json_uses_its_slow_tokenizer_files(tmp_path):
+    """vocab.json + merges.txt (no tokenizer.json): transformers converts them; ids equal the fast file's."""
+    from nanovllm_jax.tokenizer import load_tokenizer
+
+    bpe = json.loads(SIMPLE_BPE_PATH.read_text())
+    (tmp_path / "vocab.json").write_text(json.dumps(bpe["model"]["vocab"]))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in bpe["model"]["merges"]))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+                                                                "eos_token": "<|endoftext|>"}))
+    (tmp_path / "config.json").write_text("{}")
+    slow = load_tokenizer(tmp_path)
+    fast = LLM(backend="mock").tokenizer
+    for text in PROMPTS:
+        assert slow.encode(text) == fast.encode(text) and slow.decode(slow.encode(text)) == text
+    assert slow.eos_token_ids == [0]
+    (tmp_path / "vocab.json").unlink()
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        load_tokenizer(tmp_path)
