@@ -66,20 +66,8 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         raise ValueError(f"the ONNX exporter supports {', '.join(SUPPORTED_MODEL_TYPES)}; "
                          f"got model_type={text.get('model_type')!r}")
     cfg = llama.parse_config(text)
-    return ModelSpec(
-        architecture=text["model_type"],
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        rope=_rope_params(dict(cfg.rope_scaling or ()), cfg.rope_theta),
-    )
+    return ModelSpec(architecture=text["model_type"], **_shape(cfg),
+                     rope=_rope_params(dict(cfg.rope_scaling or ()), cfg.rope_theta))
 
 
 def _gemma3_spec(hf: dict) -> ModelSpec:
@@ -96,28 +84,25 @@ def _gemma3_spec(hf: dict) -> ModelSpec:
     if not cfg.gelu_tanh:
         raise ValueError("the ONNX exporter supports Gemma's tanh-approximated GELU only (hidden_activation="
                          "'gelu_pytorch_tanh'), not the exact 'gelu'")
-    h = cfg.hidden_size
     return ModelSpec(
         architecture="gemma3_text",
-        num_layers=cfg.num_layers,
-        hidden_size=h,
-        intermediate_size=cfg.intermediate_size,
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
+        **_shape(cfg),
         rope=_rope_params(dict(cfg.rope_global)),
         activation="gelu_tanh",
         attn_scale=cfg.query_pre_attn_scalar ** -0.5,
-        embed_scale=float(np.float32(h ** 0.5)),
+        embed_scale=float(np.float32(cfg.hidden_size ** 0.5)),
         norm_offset=1.0,
         sliding_window=cfg.sliding_window,
         layer_types=tuple("sliding" if s else "full" for s in cfg.sliding_layers),
         rope_local=_rope_params(dict(cfg.rope_local)),
     )
+
+
+def _shape(cfg) -> dict:
+    """The fields a JAX model config (Llama or Gemma 3) and the spec share."""
+    names = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+             "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+    return {name: getattr(cfg, name) for name in names}
 
 
 def _rope_params(params: dict, theta: float | None = None) -> dict:
