@@ -1,7 +1,6 @@
 """The user-facing API: `LLM(model, backend=...).generate(prompts, params)` and `.stream(...)`."""
 from __future__ import annotations
 
-import dataclasses
 import numbers
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -84,7 +83,8 @@ class LLM:
                     if delta.finished:
                         done[delta.request_id] = self.engine.release(delta.request_id)
                     if delta.token_ids or delta.text or delta.finished:
-                        yield dataclasses.replace(delta, index=index_of[delta.request_id])
+                        delta.index = index_of[delta.request_id]  # each delta has one reader: this call
+                        yield delta
         finally:
             self._abort_unfinished(ids, done)
 
