@@ -21,9 +21,10 @@ from typing import Callable
 import numpy as np
 
 from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.disk_cache import cache_home
 from nanovllm_jax.sampling_params import SamplingParams
 
-CACHE = Path.home() / ".cache" / "nanovllm_jax"
+CACHE = cache_home()
 
 
 @dataclass

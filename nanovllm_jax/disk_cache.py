@@ -13,6 +13,11 @@ SCRATCH_TTL_S = 24 * 3600
 UNUSED_TTL_S = 30 * 24 * 3600
 
 
+def cache_home() -> Path:
+    """Where every cache of this package lives: ~/.cache/nanovllm_jax, or under $XDG_CACHE_HOME."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanovllm_jax"
+
+
 def scratch_path(directory: Path, name: str) -> Path:
     """A path under `directory` to write `name` into before renaming it into place. Scratch untouched
     for a day (a killed writer's) is removed first: a running one writes far more often, and whether

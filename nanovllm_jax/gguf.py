@@ -96,7 +96,7 @@ def _older_converters_entry(entry: Path) -> bool:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanovllm_jax" / "gguf"
+    return disk_cache.cache_home() / "gguf"
 
 
 def memoized_file_hash(path: Path, memo_dir: Path) -> str:

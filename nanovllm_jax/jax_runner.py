@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax.buckets import bucket_for, step_buckets
+from nanovllm_jax.disk_cache import cache_home
 from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.hugepages import advise_huge_pages
 from nanovllm_jax.layers.attention_kernel import query_tile
@@ -92,7 +93,7 @@ def step_layout(tiling: Tiling, model_config, seq: SeqLayout, tokens: int, max_p
 
 def enable_compilation_cache(cache_dir: str | None) -> str:
     """Turn on JAX's persistent compilation cache (process-wide; the first directory set wins)."""
-    path = cache_dir or os.path.join(Path.home(), ".cache", "nanovllm_jax", "xla")
+    path = cache_dir or str(cache_home() / "xla")
     if not jax.config.jax_compilation_cache_dir:
         os.makedirs(path, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", path)

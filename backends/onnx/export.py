@@ -75,7 +75,7 @@ def _is_cache_entry(path: Path) -> bool:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("NANOVLLM_JAX_ONNX_CACHE", Path.home() / ".cache" / "nanovllm_jax" / "onnx"))
+    return Path(os.environ.get("NANOVLLM_JAX_ONNX_CACHE") or disk_cache.cache_home() / "onnx")
 
 
 def checkpoint_hash(model_dir: str | os.PathLike) -> str:
