@@ -292,9 +292,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_seqs < 1:
         p.error("--num-seqs must be >= 1")
     if args.min_input_len < 1 or args.min_input_len > args.max_input_len:
-        p.error("need 1 <= --min-input-len <= --max-input-len")
+        p.error(f"need 1 <= --min-input-len ({args.min_input_len}) <= --max-input-len ({args.max_input_len})")
     if args.min_output_len < 1 or args.min_output_len > args.max_output_len:
-        p.error("need 1 <= --min-output-len <= --max-output-len")
+        p.error(f"need 1 <= --min-output-len ({args.min_output_len}) <= --max-output-len ({args.max_output_len})")
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     if args.compare and args.backend == ["mock"]:

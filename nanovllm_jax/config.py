@@ -20,7 +20,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
+    dtype: str | None = None  # None or "auto": float32 on CPU, bfloat16 on GPU/TPU
     seed: int = 0
     compilation_cache_dir: str | None = None  # None: ~/.cache/nanovllm_jax/xla
 
@@ -60,8 +60,10 @@ class EngineConfig:
             if not isinstance(self.compilation_cache_dir, (str, os.PathLike)):
                 raise ValueError(f"compilation_cache_dir must be None or a path, got {self.compilation_cache_dir!r}")
             self.compilation_cache_dir = os.fspath(self.compilation_cache_dir)
+        if self.dtype == "auto":  # vLLM's spelling of the default
+            self.dtype = None
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         _require_int("seed", self.seed, 0)
 
     def finalize(self, model_max_len: int) -> None:

@@ -43,11 +43,16 @@ def generate(args: argparse.Namespace, params: SamplingParams) -> None:
     if args.chat:
         prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
     if args.stream:
+        counts = [0] * len(prompts)
         for delta in llm.stream(prompts, params):
+            counts[delta.index] += len(delta.token_ids)
             if len(prompts) == 1:
                 print(delta.text, end="\n" if delta.finished else "", flush=True)
-            elif delta.text:  # interleaved: a line per piece, tagged with its prompt
+                continue
+            if delta.text:  # interleaved: a line per piece, tagged with its prompt
                 print(f"[{delta.index}] {delta.text}", flush=True)
+            if delta.finished:
+                print(f"[{delta.index}] [{counts[delta.index]} tokens, {delta.finish_reason}]", flush=True)
         return
     for prompt, out in zip(args.prompts, llm.generate(prompts, params)):
         print(f"### {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}]\n")

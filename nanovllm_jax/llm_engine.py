@@ -103,7 +103,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
+            token_ids = self.tokenizer.encode(prompt) if prompt else []  # not just the BOS a tokenizer adds
         elif isinstance(prompt, (list, tuple, np.ndarray)):
             not_ints = [t for t in prompt if not _is_token_id(t)]
             if not_ints:

@@ -696,8 +696,8 @@ def test_generate_cli_streams_each_prompts_text(capsys, llm):
     generate.main([*flags, *prompts])
     lines = capsys.readouterr().out.splitlines()
     for index, result in enumerate(expected):
-        pieces = [line[4:] for line in lines if line.startswith(f"[{index}] ")]
-        assert all(pieces) and "".join(pieces) == result.text
+        *pieces, end = [line[4:] for line in lines if line.startswith(f"[{index}] ")]
+        assert all(pieces) and "".join(pieces) == result.text and end == "[6 tokens, length]"
     assert len(lines) == sum(1 for line in lines if line[:4] in ("[0] ", "[1] "))
 
 
@@ -768,3 +768,12 @@ def test_a_model_dir_without_tokenizer_json_uses_its_slow_tokenizer_files(tmp_pa
     (tmp_path / "vocab.json").unlink()
     with pytest.raises(ValueError, match="no usable tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_an_empty_string_prompt_is_empty_even_where_the_tokenizer_adds_bos(monkeypatch):
+    llm = LLM(backend="mock", dtype="auto")
+    assert llm.config.dtype is None  # vLLM's "auto": the platform's default
+    monkeypatch.setattr(llm.tokenizer, "encode", lambda text: [2] + llm.tokenizer._tok.encode(text).ids)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate("", use_tqdm=False)
+    assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt_token_ids[0] == 2
