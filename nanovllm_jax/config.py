@@ -60,7 +60,7 @@ class EngineConfig:
             if not isinstance(self.compilation_cache_dir, (str, os.PathLike)):
                 raise ValueError(f"compilation_cache_dir must be None or a path, got {self.compilation_cache_dir!r}")
             self.compilation_cache_dir = os.fspath(self.compilation_cache_dir)
-        if self.dtype == "auto":  # vLLM's spelling of the default
+        if self.dtype == "auto":  # vLLM's spelling of its default, here the platform's default
             self.dtype = None
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")

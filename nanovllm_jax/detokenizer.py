@@ -47,6 +47,6 @@ class IncrementalDetokenizer:
 def add_tokens(tokenizer: Tokenizer, new_tokens: list[tuple[IncrementalDetokenizer, int]]) -> None:
     """One new token for each detokenizer, with every window decoded in one batched call."""
     windows = [window for detokenizer, token in new_tokens for window in detokenizer.push(token)]
-    texts = tokenizer.decode_batch(windows)
+    texts = tokenizer.decode_batch(windows) if windows else []
     for i, (detokenizer, _) in enumerate(new_tokens):
         detokenizer.advance(texts[2 * i], texts[2 * i + 1])

@@ -14,8 +14,10 @@ UNUSED_TTL_S = 30 * 24 * 3600
 
 
 def cache_home() -> Path:
-    """Where every cache of this package lives: ~/.cache/nanovllm_jax, or under $XDG_CACHE_HOME."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanovllm_jax"
+    """Where every cache of this package lives: ~/.cache/nanovllm_jax, or under $XDG_CACHE_HOME
+    (an absolute path; the XDG spec has a relative one ignored)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "nanovllm_jax"
 
 
 def scratch_path(directory: Path, name: str) -> Path:

@@ -1,6 +1,7 @@
 """Cache entries shared by processes: atomic publish, a lost race, removal of unused entries."""
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,13 @@ def test_remove_unused_keeps_what_was_used_recently_or_is_not_picked(tmp_path):
         os.utime(entry, (long_ago, long_ago))
     disk_cache.remove_unused(tmp_path, lambda entry: entry.name != "other")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "recent"]
+
+
+@pytest.mark.parametrize("xdg, expected", [(None, "~/.cache"), ("", "~/.cache"), ("relative/dir", "~/.cache"),
+                                           ("/srv/cache", "/srv/cache")])
+def test_cache_home_follows_an_absolute_xdg_cache_home(monkeypatch, xdg, expected):
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert disk_cache.cache_home() == Path(expected).expanduser() / "nanovllm_jax"

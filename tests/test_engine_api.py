@@ -617,6 +617,32 @@ def test_a_read_back_failing_midway_still_delivers_the_rows_read_before_it(monke
     assert rest[-1].finish_reason == "length" and not engine.has_unfinished()
 
 
+def test_a_failing_batched_decode_aborts_the_step_and_the_engine_serves_on(monkeypatch):
+    llm = LLM(backend="mock", max_model_len=256)
+    engine, params = llm.engine, SamplingParams(max_tokens=6, **GREEDY)
+    decode_batch, armed = llm.tokenizer.decode_batch, []
+
+    def failing_once(windows):
+        if armed:
+            armed.clear()
+            raise RuntimeError("tokenizer failed")
+        return decode_batch(windows)
+
+    monkeypatch.setattr(llm.tokenizer, "decode_batch", failing_once)
+    limit_steps(monkeypatch, engine)
+    stream = llm.stream([[20, 21, 22]], params)
+    got = list(next(stream).token_ids)
+    armed.append(True)
+    with pytest.raises(RuntimeError, match="tokenizer failed"):
+        llm.generate([[5, 6, 7]], params, use_tqdm=False)
+    rest = list(stream)
+    expected = mock_generate([20, 21, 22], params, 1024, set())
+    tokens = got + [t for d in rest for t in d.token_ids]
+    assert rest[-1].finish_reason == "abort" and tokens == expected[: len(tokens)]
+    assert llm.generate([[20, 21, 22]], params, use_tqdm=False)[0].token_ids == expected
+    assert not engine.has_unfinished() and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_releasing_a_request_a_stream_waits_on_ends_the_stream_with_an_error(llm, monkeypatch):
     limit_steps(monkeypatch, llm.engine)
     stream = llm.stream([[5, 6, 7]], SamplingParams(max_tokens=50, **GREEDY))
@@ -772,7 +798,7 @@ def test_a_model_dir_without_tokenizer_json_uses_its_slow_tokenizer_files(tmp_pa
 
 def test_an_empty_string_prompt_is_empty_even_where_the_tokenizer_adds_bos(monkeypatch):
     llm = LLM(backend="mock", dtype="auto")
-    assert llm.config.dtype is None  # vLLM's "auto": the platform's default
+    assert llm.config.dtype is None  # "auto", vLLM's spelling of the default: here the platform's
     monkeypatch.setattr(llm.tokenizer, "encode", lambda text: [2] + llm.tokenizer._tok.encode(text).ids)
     with pytest.raises(ValueError, match="prompt is empty"):
         llm.generate("", use_tqdm=False)
