@@ -18,15 +18,9 @@ class IncrementalDetokenizer:
         self.text = ""
 
     def add(self, token_id: int) -> str:
-        return self.advance(*map(self.tokenizer.decode, self.push(token_id)))
-
-    def push(self, token_id: int) -> tuple[list[int], list[int]]:
-        """Append a token; returns the two windows whose text `advance` takes."""
         self.tokens.append(token_id)
-        return self.tokens[self.prefix_offset : self.read_offset], self.tokens[self.prefix_offset :]
-
-    def advance(self, prefix_text: str, full_text: str) -> str:
-        """Emit what the newest token completed, given the decoded windows of `push`."""
+        prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+        full_text = self.tokenizer.decode(self.tokens[self.prefix_offset :])
         if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
             return ""
         new_text = full_text[len(prefix_text) :]
@@ -42,11 +36,3 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.tokens)
         self.text += rest
         return rest
-
-
-def add_tokens(tokenizer: Tokenizer, new_tokens: list[tuple[IncrementalDetokenizer, int]]) -> None:
-    """One new token for each detokenizer, with every window decoded in one batched call."""
-    windows = [window for detokenizer, token in new_tokens for window in detokenizer.push(token)]
-    texts = tokenizer.decode_batch(windows) if windows else []
-    for i, (detokenizer, _) in enumerate(new_tokens):
-        detokenizer.advance(texts[2 * i], texts[2 * i + 1])

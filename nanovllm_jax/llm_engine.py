@@ -13,7 +13,7 @@ import xxhash
 from nanovllm_jax.block_manager import BlockManager
 from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.default_model import resolve_model
-from nanovllm_jax.detokenizer import IncrementalDetokenizer, add_tokens
+from nanovllm_jax.detokenizer import IncrementalDetokenizer
 from nanovllm_jax.outputs import Logprob, RequestOutput, StreamDelta
 from nanovllm_jax.runner import MAX_BANNED_IDS, ModelRunner, PendingOutput, SamplingBatch, StepBatch
 from nanovllm_jax.sampling_params import SamplingParams
@@ -267,17 +267,12 @@ class LLMEngine:
 
     def _read_back(self, step: _InFlight, deltas: list[StreamDelta]) -> None:
         output = step.pending.result()
-        # a row whose request stopped in the step before, or was aborted, has its token dropped
-        rows = [(row, self.requests[seq.seq_id]) for row, seq in step.sampled if not seq.is_finished]
-        tokens = [self._accept_token(request, row, output) for row, request in rows]
-        # As in vLLM, a token that stops the request by id (EOS, stop_token_ids) adds no text.
-        stops = [self._stop_token_reason(request.seq, token) for (_, request), token in zip(rows, tokens)]
-        add_tokens(self.tokenizer, [(request.detokenizer, token)
-                                    for (_, request), token, stop in zip(rows, tokens, stops) if stop is None])
-        for (_, request), stop in zip(rows, stops):
-            deltas.append(self._settle(request, stop))
-            if request.seq.status == SequenceStatus.RUNNING:
-                self.block_manager.cache_full_blocks(request.seq)
+        for row, seq in step.sampled:
+            if seq.is_finished:  # stopped by the step before, or aborted: the row's token is dropped
+                continue
+            deltas.append(self._append_token(self.requests[seq.seq_id], row, output))
+            if seq.status == SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq)
 
     def _abort_rows(self, step: _InFlight) -> None:
         for _, seq in step.sampled:
@@ -356,25 +351,25 @@ class LLMEngine:
             num_logprobs=max(max(wanted), 1) if wanted else 0,
         )
 
-    def _accept_token(self, request: _Request, row: int, output) -> int:
-        """The row's sampled token (and logprobs) read into its request."""
+    def _append_token(self, request: _Request, row: int, output) -> StreamDelta:
+        seq = request.seq
         token = int(output.token_ids[row])
-        request.seq.fill_pending(token)
+        seq.fill_pending(token)
         if request.logprobs is not None:
-            n = request.seq.params.logprobs
+            n = seq.params.logprobs
             top = dict(zip(output.top_token_ids[row, :n].tolist(), output.top_logprobs[row, :n].tolist()))
             request.logprobs.append(Logprob(token, float(output.logprobs[row]), top))
-        return token
-
-    def _settle(self, request: _Request, reason: str | None) -> StreamDelta:
-        """Finish the request if its new token (detokenized by now) ended it; what it gained."""
-        reason = reason or self._stop_text_or_length_reason(request)
+        # As in vLLM, a token that stops the request by id (EOS, stop_token_ids) adds no text.
+        reason = self._stop_token_reason(seq, token)
+        if reason is None:
+            request.detokenizer.add(token)
+            reason = self._stop_text_or_length_reason(request)
         if reason is not None and request.text_end is None:
             request.detokenizer.flush()  # the text it releases may complete a stop string
             if self._found_stop_string(request):
                 reason = "stop"
         if reason is not None:
-            self.scheduler.finish(request.seq, reason)
+            self.scheduler.finish(seq, reason)
         return self._take_delta(request)
 
     def _stop_token_reason(self, seq: Sequence, token: int) -> str | None:

@@ -17,8 +17,6 @@ class Tokenizer(Protocol):
 
     def decode(self, token_ids: list[int]) -> str: ...
 
-    def decode_batch(self, sequences: list[list[int]]) -> list[str]: ...
-
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer` behind the protocol; EOS ids come from the model's configs."""
@@ -46,10 +44,6 @@ class HFTokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool | None = None) -> str:
         skip = self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
         return self._tok.decode(list(token_ids), skip_special_tokens=skip)
-
-    def decode_batch(self, sequences: list[list[int]]) -> list[str]:
-        """`decode` of each; one call for a step's hundreds of short windows costs less than a call each."""
-        return self._tok.decode_batch(sequences, skip_special_tokens=self.skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

@@ -322,7 +322,7 @@ def test_stream_matches_generate_including_multibyte_text(llm):
 @settings(max_examples=80, deadline=None)
 @given(st.text(min_size=1, max_size=40))
 def test_incremental_detokenizer_never_splits_a_character(llm, text):
-    from nanovllm_jax.detokenizer import IncrementalDetokenizer, add_tokens
+    from nanovllm_jax.detokenizer import IncrementalDetokenizer
 
     ids = llm.tokenizer.encode(text)
     detok = IncrementalDetokenizer(llm.tokenizer, [])
@@ -330,14 +330,6 @@ def test_incremental_detokenizer_never_splits_a_character(llm, text):
     if "\ufffd" not in text:
         assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
-    # the engine's way: a step's new tokens detokenized together, one batched decode
-    together = [IncrementalDetokenizer(llm.tokenizer, []) for _ in range(3)]
-    for step in range(len(ids)):
-        add_tokens(llm.tokenizer, [(d, ids[step - k]) for k, d in enumerate(together) if step >= k])
-    for k, detokenizer in enumerate(together):
-        single = IncrementalDetokenizer(llm.tokenizer, [])
-        expected = "".join(single.add(t) for t in ids[: len(ids) - k])
-        assert detokenizer.text == expected
 
 
 @settings(max_examples=200, deadline=None)
@@ -592,20 +584,20 @@ def test_a_failed_step_ends_another_calls_requests_with_abort(monkeypatch):
 
 
 def test_a_read_back_failing_midway_still_delivers_the_rows_read_before_it(monkeypatch):
-    """Settling one row raises after another row of the step was read: that row's delta (with an
+    """Detokenizing one row raises after another row of the step was read: that row's delta (with an
     open stream's token in it) comes with the next step instead of being lost."""
     llm = LLM(backend="mock", max_model_len=256)
     engine, params = llm.engine, SamplingParams(max_tokens=3, **GREEDY)
-    settle, armed = engine._settle, []
+    append, armed = engine._append_token, []
 
-    def failing_for_the_second_request(request, reason):
-        delta = settle(request, reason)
+    def failing_for_the_second_request(request, row, output):
+        delta = append(request, row, output)
         if armed and request.seq.seq_id == 1:
             armed.clear()
             raise RuntimeError("detokenizer failed")
         return delta
 
-    monkeypatch.setattr(engine, "_settle", failing_for_the_second_request)
+    monkeypatch.setattr(engine, "_append_token", failing_for_the_second_request)
     limit_steps(monkeypatch, engine)
     stream = llm.stream([[20, 21, 22]], params)
     got = list(next(stream).token_ids)
@@ -617,18 +609,18 @@ def test_a_read_back_failing_midway_still_delivers_the_rows_read_before_it(monke
     assert rest[-1].finish_reason == "length" and not engine.has_unfinished()
 
 
-def test_a_failing_batched_decode_aborts_the_step_and_the_engine_serves_on(monkeypatch):
+def test_a_failing_decode_aborts_the_step_and_the_engine_serves_on(monkeypatch):
     llm = LLM(backend="mock", max_model_len=256)
     engine, params = llm.engine, SamplingParams(max_tokens=6, **GREEDY)
-    decode_batch, armed = llm.tokenizer.decode_batch, []
+    decode, armed = llm.tokenizer.decode, []
 
-    def failing_once(windows):
+    def failing_once(token_ids, *args):
         if armed:
             armed.clear()
             raise RuntimeError("tokenizer failed")
-        return decode_batch(windows)
+        return decode(token_ids, *args)
 
-    monkeypatch.setattr(llm.tokenizer, "decode_batch", failing_once)
+    monkeypatch.setattr(llm.tokenizer, "decode", failing_once)
     limit_steps(monkeypatch, engine)
     stream = llm.stream([[20, 21, 22]], params)
     got = list(next(stream).token_ids)
