@@ -123,7 +123,8 @@ def sample(
     for row in range(logits.shape[0]):
         temperature = float(sampling.temperature[row])
         scaled = logits[row] / temperature if temperature else logits[row]
-        if temperature == 0.0 or np.isnan(scaled.max()) or scaled.max() == np.inf:
+        top = scaled.max()
+        if temperature == 0.0 or np.isnan(top) or top == np.inf:
             tokens[row] = int(np.argmax(logits[row]))  # greedy; or no distribution: the first NaN, else +inf
             continue
         filtered = filter_logits(scaled, int(sampling.top_k[row]), float(sampling.top_p[row]), float(sampling.min_p[row]))

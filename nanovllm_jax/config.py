@@ -22,7 +22,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     dtype: str | None = None  # None or "auto": float32 on CPU, bfloat16 on GPU/TPU
     seed: int = 0
-    compilation_cache_dir: str | None = None  # None: ~/.cache/nanovllm_jax/xla
+    compilation_cache_dir: str | None = None  # None: xla/ under disk_cache.cache_home()
 
     BACKENDS = ("jax", "onnx", "mock")
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 SCRATCH_TTL_S = 24 * 3600
 UNUSED_TTL_S = 30 * 24 * 3600
+DIGEST = r"[0-9a-f]{32}"  # an xxh3-128 hex digest: what entries are keyed by
 
 
 def cache_home() -> Path:

@@ -20,7 +20,7 @@ import xxhash
 from nanovllm_jax import disk_cache
 
 CONVERTER_VERSION = 4  # bump when the output of a conversion changes, so stale caches are not reused
-_ENTRY_NAME = re.compile(r"[0-9a-f]{32}-(?:float32|bfloat16|float16)-v(\d+)")
+_ENTRY_NAME = re.compile(disk_cache.DIGEST + r"-(?:float32|bfloat16|float16)-v(\d+)")
 
 # GGUF general.architecture -> (HF architectures entry, HF model_type)
 ARCHITECTURES = {
@@ -107,7 +107,7 @@ def memoized_file_hash(path: Path, memo_dir: Path) -> str:
     memo = memo_dir / xxhash.xxh3_128_hexdigest(identity.encode())
     try:
         digest = memo.read_text()
-        if re.fullmatch(r"[0-9a-f]{32}", digest):  # not a memo a crash left half written
+        if re.fullmatch(disk_cache.DIGEST, digest):  # not a memo a crash left half written
             disk_cache.mark_used(memo)
             return digest
     except OSError:

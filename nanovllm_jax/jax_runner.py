@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax.buckets import bucket_for, step_buckets
-from nanovllm_jax.disk_cache import cache_home
 from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.disk_cache import cache_home
 from nanovllm_jax.hugepages import advise_huge_pages
 from nanovllm_jax.layers.attention_kernel import query_tile
 from nanovllm_jax.layers.sampler import SampleOutput, sample

@@ -71,7 +71,7 @@ def _is_complete(entry: Path) -> bool:
 
 
 def _is_cache_entry(path: Path) -> bool:
-    return re.fullmatch(r"[0-9a-f]{32}", path.name) is not None and is_exported_dir(path)
+    return re.fullmatch(disk_cache.DIGEST, path.name) is not None and is_exported_dir(path)
 
 
 def cache_root() -> Path:

@@ -27,9 +27,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from backends.onnx.model_spec import ModelSpec
-from nanovllm_jax.layers.rope import rope_inv_freq
 from backends.onnx.weight_writer import WeightWriter
 from backends.onnx.weights import SafetensorsDir, embedding, final_norm, layer_weights, lm_head
+from nanovllm_jax.layers.rope import rope_inv_freq
 
 OPSET = 23  # RMSNormalization (23), Gelu (20)
 MASKED = -1e30  # finite, so that an all-masked padding row stays NaN-free
