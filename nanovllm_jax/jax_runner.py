@@ -29,7 +29,7 @@ from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.disk_cache import cache_home
 from nanovllm_jax.hugepages import advise_huge_pages
 from nanovllm_jax.layers.attention_kernel import query_tile
-from nanovllm_jax.layers.sampler import SampleOutput, sample
+from nanovllm_jax.layers.sampler import SAMPLER_KINDS, SampleOutput, sample
 from nanovllm_jax.loader import DTYPES, load_model
 from nanovllm_jax.runner import MAX_BANNED_IDS, SamplingBatch, StepBatch, StepOutput
 from nanovllm_jax.step_packing import SeqLayout, StepLayout
@@ -138,7 +138,7 @@ def _forward_step(params, k_cache, v_cache, token_cache, prev_tokens, packed, *,
     return logits, inputs.seq_section, k_cache, v_cache, token_cache
 
 
-def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust: bool, max_seqs: int):
+def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, kind: str, max_seqs: int):
     """The sampler's output, its tokens padded to max_seqs rows (the next step's inputs read them)."""
     inputs = layout.unpack(seq_section)
 
@@ -148,7 +148,7 @@ def _sample_step(logits, token_cache, seq_section, *, layout: SeqLayout, adjust:
         slots = inputs.block_tables[:, pos // bs] * bs + pos % bs
         return token_cache[slots], pos[None, :] < inputs.sampling.context_lens[:, None]
 
-    out = sample(logits, inputs.sampling, context, adjust)
+    out = sample(logits, inputs.sampling, context, kind)
     return out._replace(token_ids=jnp.pad(out.token_ids, (0, max_seqs - layout.seqs)))
 
 
@@ -178,9 +178,9 @@ def _warm_step(block_size: int, max_blocks_per_seq: int, num_slots: int, plain: 
 class _Pending:
     """A submitted step whose sampler program is dispatched only when its tokens are first needed: by
     the next step's forward (which reads them on device) or by result(). On GPU every lax.cond in
-    the sampler makes the dispatching thread wait until the device reaches it, so dispatching the
-    sampler right behind its forward would hold the host until that forward is done, and the host's
-    work for the step before would not overlap it."""
+    the "full" sampler makes the dispatching thread wait until the device reaches it, so dispatching
+    it right behind its forward would hold the host until that forward is done, and the host's work
+    for the step before would not overlap it (the "greedy" and "plain" samplers never wait)."""
 
     def __init__(self, dispatch: Callable[[], SampleOutput], num_seqs: int, num_logprobs: int):
         self._dispatch: Callable[[], SampleOutput] | None = dispatch
@@ -247,15 +247,15 @@ class JaxRunner:
             donate_argnums=(1, 2, 3),
         )
         self.max_seqs = max(seqs for _, seqs in self.buckets)
-        self._sample_jit = jax.jit(partial(_sample_step, max_seqs=self.max_seqs), static_argnames=("layout", "adjust"))
+        self._sample_jit = jax.jit(partial(_sample_step, max_seqs=self.max_seqs), static_argnames=("layout", "kind"))
         self._no_tokens = jnp.zeros((self.max_seqs,), jnp.int32)  # prev_tokens before any step
         self._last_step: _Pending | None = None  # its tokens are the next step's prev_rows inputs
         self._forward_programs: dict[int, tuple[StepLayout, object]] = {}
         self._sample_programs: dict[tuple[SeqLayout, bool], object] = {}
         start = time.perf_counter()
         for tokens, _ in self.buckets:
-            for adjust in (False, True):
-                self._programs(tokens, adjust)
+            for kind in SAMPLER_KINDS:
+                self._programs(tokens, kind)
         self._run_each_program_once()
         self.warmup_seconds = time.perf_counter() - start
         log.info("jax runner: %d forward + %d sampler programs compiled in %.1fs",
@@ -297,9 +297,8 @@ class JaxRunner:
         seq = SeqLayout(self._seq_bucket[tokens], self.table_width, MAX_BANNED_IDS, self.block_size)
         return step_layout(self.tiling, self.model_config, seq, tokens, self.max_pages_per_chunk, self.num_slots)
 
-    def _programs(self, tokens: int, adjust: bool):
-        """(layout, forward program, sampler program) for a bucket, compiled ahead of time once.
-        `adjust`: the sampler applies penalties and banned ids (a second sampler program per bucket)."""
+    def _programs(self, tokens: int, kind: str):
+        """(layout, forward program, sampler program of `kind`) for a bucket, compiled ahead of time once."""
         if tokens not in self._forward_programs:
             layout = self._layout(tokens)
             packed = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
@@ -313,12 +312,12 @@ class JaxRunner:
                 raise RuntimeError(f"the Pallas attention kernel failed to build for {tokens}-token steps "
                                    "on this GPU; NANOVLLM_JAX_ATTENTION=xla uses the pure-JAX attention") from e
         layout, forward = self._forward_programs[tokens]
-        if (layout.seq, adjust) not in self._sample_programs:
+        if (layout.seq, kind) not in self._sample_programs:
             logits = jax.ShapeDtypeStruct((layout.seq.seqs, self.vocab_size), jnp.float32)
             section = jax.ShapeDtypeStruct((layout.seq.size,), jnp.int32)
-            lowered = self._sample_jit.lower(logits, self.token_cache, section, layout=layout.seq, adjust=adjust)
-            self._sample_programs[layout.seq, adjust] = self._compile(lowered)
-        return layout, forward, self._sample_programs[layout.seq, adjust]
+            lowered = self._sample_jit.lower(logits, self.token_cache, section, layout=layout.seq, kind=kind)
+            self._sample_programs[layout.seq, kind] = self._compile(lowered)
+        return layout, forward, self._sample_programs[layout.seq, kind]
 
     def _compile(self, lowered):
         if self.platform == "cpu":  # ~850 mappings for an 18-layer forward program
@@ -336,11 +335,12 @@ class JaxRunner:
             packed = [layout.pack(step) for step in steps]
             logits, _, self.k_cache, self.v_cache, self.token_cache = forward(
                 self.params, self.k_cache, self.v_cache, self.token_cache, self._no_tokens, jax.device_put(packed[0]))
-            for key in ((layout.seq, False), (layout.seq, True)):
-                if key not in ran:
-                    ran.add(key)
-                    sampler = self._sample_programs[key]
-                    outputs += [sampler(logits, self.token_cache, jax.device_put(p[: layout.seq.size])) for p in packed]
+            for kind in SAMPLER_KINDS:
+                if (layout.seq, kind) not in ran:
+                    ran.add((layout.seq, kind))
+                    sampler = self._sample_programs[layout.seq, kind]
+                    sections = packed if kind == "full" else packed[:1]  # "full" takes each branch of its conds
+                    outputs += [sampler(logits, self.token_cache, jax.device_put(p[: layout.seq.size])) for p in sections]
         jax.block_until_ready((outputs, self.token_cache))
 
     # ---- the step -------------------------------------------------------------------------
@@ -351,8 +351,7 @@ class JaxRunner:
     def submit(self, batch: StepBatch) -> _Pending:
         tokens = bucket_for(batch.num_tokens, self._token_buckets)
         sp = batch.sampling
-        adjust = sp.needs_penalties or bool((sp.banned_token_ids >= 0).any())
-        layout, forward, sampler = self._programs(tokens, adjust)
+        layout, forward, sampler = self._programs(tokens, sampler_kind(sp))
         assert batch.num_seqs <= layout.seq.seqs, (batch.num_seqs, layout)
         packed = jax.device_put(layout.pack(batch))
         prev_tokens = self._last_step.sampled().token_ids if self._last_step else self._no_tokens
@@ -362,3 +361,12 @@ class JaxRunner:
         # dispatched before the next forward, which donates the token cache the sampler reads
         self._last_step = _Pending(partial(sampler, logits, self.token_cache, section), batch.num_seqs, sp.num_logprobs)
         return self._last_step
+
+
+def sampler_kind(sampling: SamplingBatch) -> str:
+    """The sampler program a step needs (layers.sampler.sample's `kind`)."""
+    drawn = sampling.temperature > 0
+    if (sampling.needs_penalties or sampling.num_logprobs or bool((sampling.banned_token_ids >= 0).any())
+            or bool(((sampling.top_k > 0) | (sampling.top_p < 1.0) | (sampling.min_p > 0))[drawn].any())):
+        return "full"
+    return "plain" if drawn.any() else "greedy"

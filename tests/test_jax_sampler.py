@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from backends import sampler as ref
+from nanovllm_jax.jax_runner import sampler_kind
 from nanovllm_jax.layers import sampler
 from nanovllm_jax.runner import SamplingBatch
 
@@ -39,14 +40,14 @@ def device_inputs(sb: SamplingBatch, context_lens: np.ndarray) -> sampler.Sampli
     )
 
 
-def run(logits: np.ndarray, sb: SamplingBatch, contexts: list[np.ndarray], adjust: bool = True) -> sampler.SampleOutput:
+def run(logits: np.ndarray, sb: SamplingBatch, contexts: list[np.ndarray], kind: str = "full") -> sampler.SampleOutput:
     width = max(len(c) for c in contexts)
     tokens = np.zeros((len(contexts), width), np.int32)
     valid = np.zeros((len(contexts), width), bool)
     for row, c in enumerate(contexts):
         tokens[row, : len(c)], valid[row, : len(c)] = c, True
     context_lens = np.array([len(c) for c in contexts])
-    fn = jax.jit(lambda lg, s: sampler.sample(lg, s, lambda: (jnp.asarray(tokens), jnp.asarray(valid)), adjust))
+    fn = jax.jit(lambda lg, s: sampler.sample(lg, s, lambda: (jnp.asarray(tokens), jnp.asarray(valid)), kind))
     return jax.tree.map(np.asarray, fn(jnp.asarray(logits), device_inputs(sb, context_lens)))
 
 
@@ -157,17 +158,35 @@ def test_top_k_one_equals_greedy(data):
     np.testing.assert_array_equal(got, np.argmax(logits, -1))
 
 
-def test_unfiltered_rows_draw_alike_whatever_their_batch_filters(data):
-    """A row without filters draws the same token in a batch where no row filters (the cheap mass
-    pass), in one where another row has min-p or top-p (the filtering pass), and in the program
-    that applies penalties and banned ids (none here)."""
+def test_rows_draw_alike_in_every_sampler_program(data):
+    """A row with temperature only draws the same token in the program the host picks where every row
+    is like it ("plain": no lax.cond), and in "full", where no row filters (its cheap mass pass) or
+    another row has min-p, top-p, penalties or logprobs (its filtering pass, the penalties' scatter);
+    greedy rows take their argmax in "greedy" and "full" alike."""
     logits, contexts = data
     plain = dict(temperature=[0.8] * 6, seeds=[3, 4, 5, 6, 7, 8])
-    alone = run(logits, batch(6, **plain), contexts, adjust=False).token_ids
-    np.testing.assert_array_equal(run(logits, batch(6, **plain), contexts, adjust=True).token_ids, alone)
-    for other in (dict(min_p=[0.2, 0, 0, 0, 0, 0]), dict(top_p=[0.5, 1, 1, 1, 1, 1])):
-        mixed = run(logits, batch(6, **plain, **other), contexts, adjust=False).token_ids
+    assert sampler_kind(batch(6, **plain)) == "plain"
+    alone = run(logits, batch(6, **plain), contexts, kind="plain").token_ids
+    np.testing.assert_array_equal(run(logits, batch(6, **plain), contexts, kind="full").token_ids, alone)
+    others = (dict(min_p=[0.2, 0, 0, 0, 0, 0]), dict(top_p=[0.5, 1, 1, 1, 1, 1]),
+              dict(repetition_penalty=[1.3, 1, 1, 1, 1, 1]), dict(num_logprobs=2))
+    for other in others:
+        assert sampler_kind(batch(6, **plain, **other)) == "full"
+        mixed = run(logits, batch(6, **plain, **other), contexts).token_ids
         np.testing.assert_array_equal(mixed[1:], alone[1:])
+    assert sampler_kind(batch(6, top_p=[0.5] * 6, top_k=[3] * 6)) == "greedy"  # filters of greedy rows change nothing
+    for kind in ("greedy", "full"):
+        np.testing.assert_array_equal(run(logits, batch(6), contexts, kind=kind).token_ids, np.argmax(logits, -1))
+
+
+def test_sampler_kind_sees_every_feature():
+    temp = dict(temperature=[0.0, 0.7])
+    assert sampler_kind(batch(2, **temp)) == "plain"
+    for feature in (dict(top_k=[0, 5]), dict(top_p=[1.0, 0.9]), dict(min_p=[0.0, 0.1]), dict(num_logprobs=1),
+                    dict(presence_penalty=[0.5, 0.0]), dict(banned_token_ids=[[-1], [3]])):
+        assert sampler_kind(batch(2, **temp, **feature)) == "full", feature
+    with pytest.raises(ValueError, match="kind"):
+        sampler.sample(jnp.zeros((1, VOCAB)), device_inputs(batch(1), np.ones(1)), lambda: None, kind="fast")
 
 
 @pytest.mark.parametrize("candidates", [VOCAB, 8])

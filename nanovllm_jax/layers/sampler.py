@@ -4,9 +4,13 @@ Order: logprobs from the raw logits; repetition / frequency / presence penalties
 then greedy (temperature 0) or, as vLLM's v1 sampler: temperature, min-p, top-k, then top-p over
 the distribution that min-p and top-k kept, renormalized; then an inverse-CDF draw with uniforms
 keyed by fold_in(PRNGKey(seed), context_len), so a row samples alike in any batch.
-The costly parts (penalty counts, the top-k/top-p ranking, log_softmax + top-N) sit behind
-lax.cond, on host-computed step flags or on the rows' parameters, with one compiled program per
-bucket. Every cond returns per-row arrays only: XLA copies a vocabulary-sized cond result.
+Three programs per bucket, picked on the host by what a step's rows ask for (`kind`): "greedy"
+(argmax only), "plain" (temperature draws and greedy rows) and "full". Those two have no
+control flow: on a GPU every lax.cond makes the dispatching thread wait until the device reaches it,
+so a step that needs none can be queued behind the running forward. In "full" the costly parts
+(penalty counts, the top-k/top-p ranking, log_softmax + top-N) sit behind lax.cond, on host-computed
+step flags or on the rows' parameters. Every cond returns per-row arrays only: XLA copies a
+vocabulary-sized cond result.
 
 Kept cheap for large vocabularies on CPU (Gemma's 262k): top-k/top-p rank only the best
 CANDIDATES tokens unless a row needs more (then a bisection over the row, never a sort: that
@@ -248,7 +252,7 @@ def filter_cutoff(logits: jax.Array, temperature: jax.Array, top: jax.Array, s: 
 
 
 def draw(blocks: jax.Array, temperature: jax.Array, cutoff: Cutoff, uniforms: jax.Array,
-         fallback: jax.Array | None = None) -> jax.Array:
+         fallback: jax.Array | None = None, filtered: bool = True) -> jax.Array:
     """One token per row, with probability proportional to the kept weights of logits / temperature
     [S, 1] (given as vocab_blocks), by inverse CDF at uniforms [S, 2] in [0, 1).
 
@@ -259,7 +263,8 @@ def draw(blocks: jax.Array, temperature: jax.Array, cutoff: Cutoff, uniforms: ja
     The first uniform picks a block by block mass, the second a token inside that block by its mass
     there: O(V) work with short cumulative sums. Neither the scaled logits nor the weights are
     materialized: the block sums compute them in one fused pass and the chosen block recomputes its
-    own (XLA:CPU otherwise writes a vocabulary-sized copy per intermediate)."""
+    own (XLA:CPU otherwise writes a vocabulary-sized copy per intermediate). `filtered` (static)
+    False: the cutoff keeps every token, no lax.cond."""
     rows, num_blocks, width = blocks.shape
     ids = jnp.arange(num_blocks * width, dtype=jnp.int32).reshape(1, num_blocks, width)
 
@@ -275,8 +280,11 @@ def draw(blocks: jax.Array, temperature: jax.Array, cutoff: Cutoff, uniforms: ja
     def plain_mass(_):  # the same weights where no row filters (no cut, w >= 0 = min_p): 4x cheaper
         return jnp.exp(blocks / temperature[:, :, None] - cutoff.top[:, :, None]).sum(axis=-1)
 
-    filters = jnp.any((cutoff.cut > -jnp.inf) | (cutoff.min_p > 0))
-    block_mass = jax.lax.cond(filters, filtered_mass, plain_mass, None)
+    if filtered:
+        filters = jnp.any((cutoff.cut > -jnp.inf) | (cutoff.min_p > 0))
+        block_mass = jax.lax.cond(filters, filtered_mass, plain_mass, None)
+    else:
+        block_mass = plain_mass(None)
     block_cumulative = jnp.cumsum(block_mass, axis=-1)
     block = pick(block_cumulative, uniforms[:, 0])
     inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0] / temperature
@@ -296,36 +304,39 @@ def _uniforms(seed: jax.Array, context_len: jax.Array) -> jax.Array:
     return jax.random.uniform(jax.random.fold_in(jax.random.PRNGKey(seed), context_len), (2,), jnp.float32)
 
 
-def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn, adjust: bool = True) -> SampleOutput:
+SAMPLER_KINDS = ("greedy", "plain", "full")
+
+
+def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn, kind: str = "full") -> SampleOutput:
     """logits f32[S, V] -> one token per row (plus logprobs when the step asks for them).
 
-    `adjust` (static) applies penalties and banned ids; a step without either runs a program without
-    them, which saves a copy of the logits (XLA:CPU hoists a conditional scatter's copy out of the cond)."""
+    `kind` (static): "greedy" where no row has a temperature, "plain" where rows use temperature only
+    (no filters, penalties, banned ids or logprobs), else "full". A row draws alike in each."""
+    if kind not in SAMPLER_KINDS:
+        raise ValueError(f"kind must be one of {SAMPLER_KINDS}, got {kind!r}")
     raw = logits.astype(jnp.float32)
     rows, vocab = raw.shape
-    width = jax.eval_shape(context)[0].shape[1]
-    row_ids = jnp.arange(rows)[:, None]
-
-    if adjust:  # penalties and banned ids, scattered into a copy of the logits
-        no_ids = jnp.full((rows, width), vocab, jnp.int32)
-        ids, values = jax.lax.cond(s.use_penalties != 0, lambda _: penalized_values(raw, s, context),
-                                   lambda _: (no_ids, jnp.zeros((rows, width), jnp.float32)), None)
-        banned = jnp.where(s.banned_token_ids >= 0, s.banned_token_ids, vocab)
-        logits = raw.at[row_ids, ids].set(values, mode="drop").at[row_ids, banned].set(-jnp.inf, mode="drop")
-    else:
-        logits = raw
+    logits = _adjusted(raw, s, context) if kind == "full" else raw
     blocks = vocab_blocks(logits)
     block_max = blocks.max(axis=-1)
     greedy = argmax(blocks, block_max)
+    temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    top = block_max.max(axis=-1, keepdims=True) / temperature  # = max(logits / t): division is monotonic
 
     def sampled(_):
-        temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-        top = block_max.max(axis=-1, keepdims=True) / temperature  # = max(logits / t): division is monotonic
-        cutoff = filter_cutoff(logits, temperature, top, s)
-        tokens = draw(blocks, temperature, cutoff, jax.vmap(_uniforms)(s.seeds, s.context_lens), greedy)
+        uniforms = jax.vmap(_uniforms)(s.seeds, s.context_lens)
+        if kind == "plain":
+            keep_all = Cutoff(top, jnp.full((rows, 1), -jnp.inf), jnp.full((rows, 1), vocab, jnp.int32),
+                              jnp.zeros((rows, 1), jnp.float32))
+            tokens = draw(blocks, temperature, keep_all, uniforms, greedy, filtered=False)
+        else:
+            tokens = draw(blocks, temperature, filter_cutoff(logits, temperature, top, s), uniforms, greedy)
         return jnp.where(s.temperature > 0, tokens, greedy)
 
-    tokens = jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda _: greedy, None)
+    if kind == "full":
+        tokens = jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda _: greedy, None)
+    else:
+        tokens = sampled(None) if kind == "plain" else greedy
 
     def with_logprobs(_):
         logprobs = jax.nn.log_softmax(raw, axis=-1)
@@ -338,5 +349,20 @@ def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn, adjust: boo
         return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, n), jnp.int32),
                 jnp.zeros((rows, n), jnp.float32))
 
-    token_lp, top_ids, top_lp = jax.lax.cond(s.use_logprobs != 0, with_logprobs, without, None)
+    if kind == "full":
+        token_lp, top_ids, top_lp = jax.lax.cond(s.use_logprobs != 0, with_logprobs, without, None)
+    else:
+        token_lp, top_ids, top_lp = without(None)
     return SampleOutput(tokens, token_lp, top_ids, top_lp)
+
+
+def _adjusted(raw: jax.Array, s: SamplingInputs, context: ContextFn) -> jax.Array:
+    """The logits with penalties and banned ids scattered into a copy."""
+    rows, vocab = raw.shape
+    width = jax.eval_shape(context)[0].shape[1]
+    row_ids = jnp.arange(rows)[:, None]
+    no_ids = jnp.full((rows, width), vocab, jnp.int32)
+    ids, values = jax.lax.cond(s.use_penalties != 0, lambda _: penalized_values(raw, s, context),
+                               lambda _: (no_ids, jnp.zeros((rows, width), jnp.float32)), None)
+    banned = jnp.where(s.banned_token_ids >= 0, s.banned_token_ids, vocab)
+    return raw.at[row_ids, ids].set(values, mode="drop").at[row_ids, banned].set(-jnp.inf, mode="drop")
