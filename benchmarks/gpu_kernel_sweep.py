@@ -74,8 +74,7 @@ def prefill_ms(tuning: KernelTuning, seqs: int = 16, new: int = 512, kv: int = 8
 
 def sweep() -> list[dict]:
     """Key tile x splits at Triton's default launch (4 warps, 3 stages), then warps x stages around the
-    fastest of those, then keys gathered row by row (row_gather) around the fastest so far; then the
-    prefill query tile (rows per program) with that decode tuning."""
+    fastest of those; then the prefill query tile (rows per program) with that decode tuning."""
     cases = {seqs: decode_inputs(seqs if GPU else 2) for seqs in (256, 32)}
     results, start = [], time.perf_counter()
 
@@ -99,9 +98,6 @@ def sweep() -> list[dict]:
     for warps, stages in itertools.product((4, 8), (2, 3, 4)):
         if (warps, stages) != (4, 3):
             measure(KernelTuning(**best | dict(num_warps=warps, num_stages=stages)))
-    best = fastest(results)["tuning"]
-    for tile, stages in itertools.product((16 << 10, 32 << 10), (2, 3)):
-        measure(KernelTuning(**best | dict(key_tile_bytes=tile, num_stages=stages, row_gather=True)))
     best = fastest(results)["tuning"]
     for rows in (16, 32, 64, 128):  # the query tile of prefill steps (8192 tokens of 16 sequences)
         tuning = KernelTuning(**best | dict(prefill_rows=rows))

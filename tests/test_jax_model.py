@@ -195,7 +195,7 @@ def test_attention_kernel_variants_agree(window, bs, width):
 
     one = attend(8, splits=1)
     parts = dict(key_tile_bytes=16 * d * 4)  # 16 keys per iteration: half a 32-token page
-    for tile, variant in ((8, dict(splits=3)), (8, dict(splits=1, row_gather=True)), (1, dict(splits=1)),
+    for tile, variant in ((8, dict(splits=3)), (1, dict(splits=1)),
                           (8, parts | dict(splits=1)), (8, parts | dict(splits=3))):
         np.testing.assert_allclose(attend(tile, **variant), one, rtol=1e-5, atol=1e-6)
 
@@ -210,10 +210,9 @@ def _cuda_mlir(monkeypatch, fn, *args) -> str:
     return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
 
 
-@pytest.mark.parametrize("row_gather", [False, True])
 @pytest.mark.parametrize("heads", [16, 12])  # 2 query heads per kv head; 3, padded to 4
 @pytest.mark.parametrize("bs", [16, 256])  # 256: 64 KB pages, read a part per iteration
-def test_attention_kernel_lowers_to_triton(row_gather, heads, bs, monkeypatch):
+def test_attention_kernel_lowers_to_triton(heads, bs, monkeypatch):
     """The kernel as a GPU build would lower it (Pallas -> Triton IR), without a GPU: an op Triton
     lowering lacks fails here rather than on a lent machine. (Whole pages of 256 tokens overflowed
     an H200's shared memory in 64-row prefill tiles: found by compiling for one, gpu_aot_census.py.)"""
@@ -225,7 +224,7 @@ def test_attention_kernel_lowers_to_triton(row_gather, heads, bs, monkeypatch):
 
     def fn(q, k, v):
         return paged_attention_kernel(q, k, v, 1, meta, scale=0.1, sliding_window=64, softcap=30.0,
-                                      tuning=KernelTuning(row_gather=row_gather))
+                                      tuning=KernelTuning())
 
     cache = jax.ShapeDtypeStruct((2, kv, t * width * bs, d), jnp.bfloat16)
     text = _cuda_mlir(monkeypatch, fn, jax.ShapeDtypeStruct((t, heads, d), jnp.bfloat16), cache, cache)
@@ -255,6 +254,27 @@ def test_gpu_decode_forward_has_no_control_flow_but_the_layer_scan(monkeypatch):
     text = _cuda_mlir(monkeypatch, step, params, cache, cache, *ints)
     count = {op: len(re.findall(rf"stablehlo\.{op}\b", text)) for op in ("while", "if", "case")}
     assert count == {"while": 1, "if": 0, "case": 0}  # the while: lax.scan over layers (a static trip count)
+
+
+@pytest.mark.parametrize("kind", ["greedy", "plain", "full"])
+def test_gpu_greedy_and_plain_samplers_have_no_control_flow(kind, monkeypatch):
+    """The sampler programs of steps without filters, penalties or logprobs have no lax.cond (lowered
+    for cuda here), so on GPU the host queues them behind the running forward without waiting;
+    the full sampler keeps its conds (the costly features run only when asked for)."""
+    import re
+    from functools import partial
+
+    from nanovllm_jax.jax_runner import _sample_step
+    from nanovllm_jax.runner import MAX_BANNED_IDS
+    from nanovllm_jax.step_packing import SeqLayout
+
+    layout, slots = SeqLayout(256, 128, MAX_BANNED_IDS, 16), 1 << 16
+    step = partial(_sample_step, layout=layout, kind=kind, max_seqs=256)
+    args = (jax.ShapeDtypeStruct((256, 151936), jnp.float32), jax.ShapeDtypeStruct((slots,), jnp.int32),
+            jax.ShapeDtypeStruct((layout.size,), jnp.int32))
+    text = _cuda_mlir(monkeypatch, step, *args)
+    flow = sum(len(re.findall(rf"stablehlo\.{op}\b", text)) for op in ("while", "if", "case"))
+    assert (flow > 0) == (kind == "full"), flow
 
 
 def test_loader_errors_name_the_problem(model_dirs, tmp_path):
