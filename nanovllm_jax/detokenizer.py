@@ -8,6 +8,7 @@ class IncrementalDetokenizer:
 
     Re-decodes only a short window: the tokens since `prefix_offset` give the context a tokenizer
     needs (leading spaces, byte fallback) and text is emitted only once it has no trailing U+FFFD.
+    Tokens without any text are left out of the window.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int]):
@@ -22,6 +23,10 @@ class IncrementalDetokenizer:
         prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
         full_text = self.tokenizer.decode(self.tokens[self.prefix_offset :])
         if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            if full_text == prefix_text and not self.tokenizer.decode([token_id]):
+                # no text in any context (a skipped special token, an id past the vocabulary): kept in
+                # the window, a run of them would make each decode longer than the last
+                self.tokens.pop()
             return ""
         new_text = full_text[len(prefix_text) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)

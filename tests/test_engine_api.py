@@ -332,6 +332,21 @@ def test_incremental_detokenizer_never_splits_a_character(llm, text):
     assert "".join(pieces) == text
 
 
+def test_detokenizer_leaves_textless_tokens_out_of_its_window(llm):
+    """Ids past the vocabulary (a random-weight model samples them) add no text in any context, as
+    skipped special tokens: they stay out of the window, so a run of them keeps each decode short,
+    and the text around them is what decoding everything at once gives."""
+    from nanovllm_jax.detokenizer import IncrementalDetokenizer
+
+    tok = llm.tokenizer
+    words = tok.encode(" one two three")
+    detok = IncrementalDetokenizer(tok, tok.encode("Count:"))
+    text = "".join(detok.add(t) for t in words[:1] + [tok.vocab_size + 7] * 500)
+    assert len(detok.tokens) - detok.prefix_offset < 10
+    text += "".join(detok.add(t) for t in words[1:]) + detok.flush()
+    assert text == tok.decode(words) == " one two three"
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text())
 def test_simple_bpe_round_trips_any_unicode(llm, text):
