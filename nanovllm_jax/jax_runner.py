@@ -251,7 +251,7 @@ class JaxRunner:
         self._no_tokens = jnp.zeros((self.max_seqs,), jnp.int32)  # prev_tokens before any step
         self._last_step: _Pending | None = None  # its tokens are the next step's prev_rows inputs
         self._forward_programs: dict[int, tuple[StepLayout, object]] = {}
-        self._sample_programs: dict[tuple[SeqLayout, bool], object] = {}
+        self._sample_programs: dict[tuple[SeqLayout, str], object] = {}
         start = time.perf_counter()
         for tokens, _ in self.buckets:
             for kind in SAMPLER_KINDS:

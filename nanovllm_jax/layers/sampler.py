@@ -5,7 +5,7 @@ then greedy (temperature 0) or, as vLLM's v1 sampler: temperature, min-p, top-k,
 the distribution that min-p and top-k kept, renormalized; then an inverse-CDF draw with uniforms
 keyed by fold_in(PRNGKey(seed), context_len), so a row samples alike in any batch.
 Three programs per bucket, picked on the host by what a step's rows ask for (`kind`): "greedy"
-(argmax only), "plain" (temperature draws and greedy rows) and "full". Those two have no
+(argmax only), "plain" (temperature draws and greedy rows) and "full". The first two have no
 control flow: on a GPU every lax.cond makes the dispatching thread wait until the device reaches it,
 so a step that needs none can be queued behind the running forward. In "full" the costly parts
 (penalty counts, the top-k/top-p ranking, log_softmax + top-N) sit behind lax.cond, on host-computed
