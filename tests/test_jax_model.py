@@ -170,10 +170,10 @@ def test_paged_attention_matches_dense_reference(window, softcap, lens, new, til
 @pytest.mark.parametrize("window", [None, 9])
 @pytest.mark.parametrize("bs,width", [(4, 16), (32, 2)])
 def test_attention_kernel_variants_agree(window, bs, width):
-    """Programs sharing a tile's keys (3 splits: uneven shares, some empty), keys gathered row by row
-    and pages read in parts (a key tile smaller than a page) give the output of one program reading
-    whole pages; a prefill chunk in one tile or in tiles of one token each, too. GQA 6:2 (3 query
-    heads per kv head, padded to 4 in the kernel)."""
+    """Programs sharing a tile's keys (3 splits: uneven shares, some empty) and pages read in parts (a
+    key tile smaller than a page) give the output of one program reading whole pages; a prefill
+    chunk in one tile or in tiles of one token each, too. GQA 6:2 (3 query heads per kv head, padded
+    to 4 in the kernel). test_paged_attention_matches_dense_reference checks the kernel itself."""
     rng = np.random.default_rng(0)
     kv, h, d = 2, 6, 16
     lens, new = np.array([1, 4, 17, 40, 63]), np.array([1, 4, 1, 8, 1])  # two prefill chunks among decodes

@@ -86,6 +86,12 @@ def vocab_blocks(x: jax.Array, fill=-jnp.inf) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, -vocab % width)), constant_values=fill).reshape(rows, -1, width)
 
 
+def nan_max(x: jax.Array, keepdims: bool = False) -> jax.Array:
+    """The maximum over the last axis, NaN where that holds one: XLA:CPU's vectorized max skips NaN
+    in long rows, and a row with a NaN has no distribution (it takes its first NaN)."""
+    return jnp.where(jnp.isnan(x).any(axis=-1, keepdims=keepdims), jnp.nan, x.max(axis=-1, keepdims=keepdims))
+
+
 def argmax(blocks: jax.Array, block_max: jax.Array) -> jax.Array:
     """First index of each row's maximum from its vocab_blocks and their maxima [S, blocks] (XLA:CPU's
     argmax over a 262k row is a slow scalar loop, its plain max reduces are vectorized)."""
@@ -296,7 +302,7 @@ def draw(blocks: jax.Array, temperature: jax.Array, cutoff: Cutoff, uniforms: ja
     totals = jnp.stack([block_cumulative[:, -1], inside_cumulative[:, -1]], axis=-1)
     drawable = jnp.all((totals > 0) & (totals < jnp.inf), axis=-1)
     if fallback is None:
-        fallback = argmax(blocks, blocks.max(axis=-1))
+        fallback = argmax(blocks, nan_max(blocks))
     return jnp.where(drawable, token, fallback)
 
 
@@ -318,10 +324,10 @@ def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn, kind: str =
     rows, vocab = raw.shape
     logits = _adjusted(raw, s, context) if kind == "full" else raw
     blocks = vocab_blocks(logits)
-    block_max = blocks.max(axis=-1)
+    block_max = nan_max(blocks)
     greedy = argmax(blocks, block_max)
     temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    top = block_max.max(axis=-1, keepdims=True) / temperature  # = max(logits / t): division is monotonic
+    top = nan_max(block_max, keepdims=True) / temperature  # = max(logits / t): division is monotonic
 
     def sampled(_):
         uniforms = jax.vmap(_uniforms)(s.seeds, s.context_lens)
