@@ -21,7 +21,8 @@ from nanovllm_jax.layers import attention_kernel
 from nanovllm_jax.layers.attention import AttentionMetadata
 from nanovllm_jax.layers.attention_kernel import KernelTuning, pack_query_tiles, paged_attention_kernel, query_tile
 
-from gpu_check import kernel_check, scattered_contexts  # beside this script
+from gpu_block_sweep import timed  # beside this script
+from gpu_check import kernel_check, scattered_contexts
 
 BUDGET_S = 150
 GPU = jax.default_backend() == "gpu"  # elsewhere: a dry run of the code paths (interpret mode, small sizes)
@@ -45,12 +46,7 @@ def time_ms(tuning: KernelTuning, inputs) -> float:
     q, k_cache, v_cache, meta = inputs
     fn = jax.jit(lambda q, k, v: paged_attention_kernel(q, k, v, 1, meta, scale=0.1, sliding_window=None, softcap=None,
                                                         tuning=tuning))
-    jax.block_until_ready(fn(q, k_cache, v_cache))
-    start = time.perf_counter()
-    for _ in range(20):
-        out = fn(q, k_cache, v_cache)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / 20 * 1e3
+    return timed(fn, q, k_cache, v_cache)
 
 
 def prefill_ms(tuning: KernelTuning, seqs: int = 16, new: int = 512, kv: int = 8, g: int = 2, d: int = 128,

@@ -127,8 +127,7 @@ def test_draw_follows_the_softmax():
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(weights)), (n, vocab))  # log 0 = -inf: never kept
 
     def draw_all(logits, uniforms):
-        keep_all = sampler.Cutoff(logits.max(axis=-1, keepdims=True), jnp.full((n, 1), -jnp.inf),
-                                  jnp.full((n, 1), vocab), jnp.zeros((n, 1)))
+        keep_all = sampler.Cutoff.keep_all(logits.max(axis=-1, keepdims=True), vocab)
         return sampler.draw(sampler.vocab_blocks(logits), jnp.ones((n, 1)), keep_all, uniforms)
 
     tokens = np.asarray(jax.jit(draw_all)(logits, jnp.asarray(uniforms)))

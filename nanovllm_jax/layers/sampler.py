@@ -192,6 +192,13 @@ class Cutoff(NamedTuple):
     cut_id: jax.Array
     min_p: jax.Array
 
+    @staticmethod
+    def keep_all(top: jax.Array, vocab: int) -> "Cutoff":
+        """No filter: every token of rows whose maxima are `top` [S, 1] is kept."""
+        rows = top.shape[0]
+        return Cutoff(top, jnp.full((rows, 1), -jnp.inf), jnp.full((rows, 1), vocab, jnp.int32),
+                      jnp.zeros((rows, 1), jnp.float32))
+
     def weights(self, values: jax.Array, ids: jax.Array) -> jax.Array:
         """Unnormalized kept probabilities of `values` [S, ...] with token `ids` (0 where dropped)."""
         def row(x):  # [S, 1] -> broadcastable to values
@@ -332,9 +339,7 @@ def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn, kind: str =
     def sampled(_):
         uniforms = jax.vmap(_uniforms)(s.seeds, s.context_lens)
         if kind == "plain":
-            keep_all = Cutoff(top, jnp.full((rows, 1), -jnp.inf), jnp.full((rows, 1), vocab, jnp.int32),
-                              jnp.zeros((rows, 1), jnp.float32))
-            tokens = draw(blocks, temperature, keep_all, uniforms, greedy, filtered=False)
+            tokens = draw(blocks, temperature, Cutoff.keep_all(top, vocab), uniforms, greedy, filtered=False)
         else:
             tokens = draw(blocks, temperature, filter_cutoff(logits, temperature, top, s), uniforms, greedy)
         return jnp.where(s.temperature > 0, tokens, greedy)
