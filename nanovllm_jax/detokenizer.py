@@ -17,10 +17,13 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(len(self.tokens) - 6, 0)
         self.read_offset = len(self.tokens)
         self.text = ""
+        self._prefix_text: str | None = None  # decode of tokens[prefix_offset:read_offset], once needed
 
     def add(self, token_id: int) -> str:
         self.tokens.append(token_id)
-        prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+        if self._prefix_text is None:
+            self._prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+        prefix_text = self._prefix_text
         full_text = self.tokenizer.decode(self.tokens[self.prefix_offset :])
         if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
             if full_text == prefix_text and not self.tokenizer.decode([token_id]):
@@ -30,6 +33,7 @@ class IncrementalDetokenizer:
             return ""
         new_text = full_text[len(prefix_text) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        self._prefix_text = None
         self.text += new_text
         return new_text
 
@@ -38,6 +42,6 @@ class IncrementalDetokenizer:
         rest = self.tokenizer.decode(self.tokens[self.prefix_offset :])[
             len(self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])) :
         ]
-        self.read_offset = len(self.tokens)
+        self.read_offset, self._prefix_text = len(self.tokens), None
         self.text += rest
         return rest

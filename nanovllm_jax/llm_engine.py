@@ -22,6 +22,7 @@ from nanovllm_jax.sequence import PENDING, Sequence, SequenceStatus
 from nanovllm_jax.tokenizer import Tokenizer, load_tokenizer
 
 Prompt = str | list[int]
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _serialized(method):
@@ -65,8 +66,11 @@ class _Request:
     text_end: int | None = None  # set when a stop string cut the text
     searched: int = 0  # text length already searched for stop strings
     emitted: int = 0  # text length already streamed
-    emitted_tokens: int = 0
+    emitted_until: int = 0  # seq.token_ids already streamed (the prompt counts as streamed)
     banned_ids: list[int] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()  # stop_token_ids, and the EOS ids unless ignore_eos
+    sampling_row: tuple[float, ...] = ()  # the _FLOAT_PARAMS values a step's batch takes, fixed at add
+    top_k: int = 0  # 0: off
 
     @property
     def text(self) -> str:
@@ -83,7 +87,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.runner, self.tokenizer = create_backend(config)
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.block_manager = BlockManager(
             self.runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
@@ -174,7 +178,13 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids),
             logprobs=[] if params.logprobs is not None else None,
             max_stop_len=max((len(s) for s in params.stop), default=0),
+            emitted_until=len(token_ids),
+            stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
             banned_ids=self._banned_ids(params),
+            sampling_row=(0.0 if params.greedy else params.temperature, params.top_p, params.min_p,
+                          params.repetition_penalty, params.presence_penalty, params.frequency_penalty),
+            # as in vLLM, a top_k of the whole vocabulary or more keeps every token: off (and int32-safe)
+            top_k=params.top_k if 0 < params.top_k < self.runner.vocab_size else 0,
         )
         self.scheduler.add(seq)
         return request_id
@@ -267,10 +277,11 @@ class LLMEngine:
 
     def _read_back(self, step: _InFlight, deltas: list[StreamDelta]) -> None:
         output = step.pending.result()
+        tokens = output.token_ids.tolist()
         for row, seq in step.sampled:
             if seq.is_finished:  # stopped by the step before, or aborted: the row's token is dropped
                 continue
-            deltas.append(self._append_token(self.requests[seq.seq_id], row, output))
+            deltas.append(self._append_token(self.requests[seq.seq_id], tokens[row], row, output))
             if seq.status == SequenceStatus.RUNNING:
                 self.block_manager.cache_full_blocks(seq)
 
@@ -293,10 +304,8 @@ class LLMEngine:
         positions = (np.arange(query_start[-1], dtype=np.int32) - query_start[rows] + starts[rows]).astype(np.int32)
         table_lens = np.fromiter((len(seq.block_table) for seq in seqs), np.int32, num_seqs)
         block_tables = np.full((num_seqs, self.config.max_blocks_per_seq), -1, dtype=np.int32)
-        table_rows = np.repeat(np.arange(num_seqs), table_lens)
-        table_cols = np.arange(len(table_rows)) - np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
-        block_tables[table_rows, table_cols] = np.fromiter(
-            itertools.chain.from_iterable(seq.block_table for seq in seqs), np.int32, len(table_rows))
+        block_tables[np.arange(block_tables.shape[1]) < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(seq.block_table for seq in seqs), np.int32, int(table_lens.sum()))
         input_ids = np.fromiter(itertools.chain.from_iterable(
             seq.token_ids[start: start + n] for seq, start, n in zip(seqs, starts.tolist(), num_new.tolist())
         ), np.int32, int(query_start[-1]))
@@ -325,42 +334,33 @@ class LLMEngine:
 
     def _sampling_batch(self, scheduled: ScheduledBatch) -> SamplingBatch:
         seqs = [seq for seq, _ in scheduled]
-        params = [seq.params for seq in seqs]
-        banned_rows = [
-            self.requests[seq.seq_id].banned_ids if seq.num_sampled_tokens < seq.params.min_tokens else []
-            for seq in seqs
-        ]
-        banned = np.full((len(seqs), max(1, max(map(len, banned_rows)))), -1, dtype=np.int32)
-        for row, ids in enumerate(banned_rows):
+        requests = [self.requests[seq.seq_id] for seq in seqs]
+        banned_rows = {row: request.banned_ids for row, (seq, request) in enumerate(zip(seqs, requests))
+                       if request.banned_ids and seq.num_sampled_tokens < seq.params.min_tokens}
+        banned = np.full((len(seqs), max(map(len, banned_rows.values()), default=1)), -1, dtype=np.int32)
+        for row, ids in banned_rows.items():
             banned[row, : len(ids)] = ids
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        vocab = self.runner.vocab_size
+        floats = np.array([r.sampling_row for r in requests], np.float32).reshape(len(seqs), len(_FLOAT_PARAMS))
+        wanted = [seq.params.logprobs for seq in seqs if seq.params.logprobs is not None]
         return SamplingBatch(
-            temperature=np.array([0.0 if p.greedy else p.temperature for p in params], dtype=np.float32),
-            # as in vLLM, a top_k of the whole vocabulary or more keeps every token: off (and int32-safe)
-            top_k=np.array([p.top_k if 0 < p.top_k < vocab else 0 for p in params], dtype=np.int32),
-            top_p=np.array([p.top_p for p in params], dtype=np.float32),
-            min_p=np.array([p.min_p for p in params], dtype=np.float32),
+            **dict(zip(_FLOAT_PARAMS, np.ascontiguousarray(floats.T))),
+            top_k=np.array([r.top_k for r in requests], dtype=np.int32),
             seeds=np.array([seq.seed for seq in seqs], dtype=np.uint32),
-            repetition_penalty=np.array([p.repetition_penalty for p in params], dtype=np.float32),
-            presence_penalty=np.array([p.presence_penalty for p in params], dtype=np.float32),
-            frequency_penalty=np.array([p.frequency_penalty for p in params], dtype=np.float32),
             prompt_lens=np.array([seq.num_prompt_tokens for seq in seqs], dtype=np.int32),
             banned_token_ids=banned,
             # logprobs=0 still wants the sampled token's logprob, so ask for at least one
             num_logprobs=max(max(wanted), 1) if wanted else 0,
         )
 
-    def _append_token(self, request: _Request, row: int, output) -> StreamDelta:
+    def _append_token(self, request: _Request, token: int, row: int, output) -> StreamDelta:
         seq = request.seq
-        token = int(output.token_ids[row])
         seq.fill_pending(token)
         if request.logprobs is not None:
             n = seq.params.logprobs
             top = dict(zip(output.top_token_ids[row, :n].tolist(), output.top_logprobs[row, :n].tolist()))
             request.logprobs.append(Logprob(token, float(output.logprobs[row]), top))
         # As in vLLM, a token that stops the request by id (EOS, stop_token_ids) adds no text.
-        reason = self._stop_token_reason(seq, token)
+        reason = self._stop_token_reason(request, token)
         if reason is None:
             request.detokenizer.add(token)
             reason = self._stop_text_or_length_reason(request)
@@ -372,16 +372,13 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
         return self._take_delta(request)
 
-    def _stop_token_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.params
-        if seq.num_output_tokens < params.min_tokens:
-            return None
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+    def _stop_token_reason(self, request: _Request, token: int) -> str | None:
+        if token in request.stop_ids and request.seq.num_output_tokens >= request.seq.params.min_tokens:
             return "stop"
         return None
 
     def _stop_text_or_length_reason(self, request: _Request) -> str | None:
-        if self._found_stop_string(request):
+        if request.max_stop_len and self._found_stop_string(request):
             return "stop"
         if request.seq.num_output_tokens >= request.seq.max_tokens:
             return "length"
@@ -404,19 +401,13 @@ class LLMEngine:
         return bool(hits)
 
     def _take_delta(self, request: _Request) -> StreamDelta:
-        seq = request.seq
-        text = request.text
+        seq, text = request.seq, request.text
+        finished, known = seq.is_finished, seq.num_known_tokens
         # Hold back text that may yet turn out to start a stop string.
-        end = len(text) if seq.is_finished else max(len(text) - max(request.max_stop_len - 1, 0), request.emitted)
-        delta = StreamDelta(
-            index=seq.seq_id,
-            request_id=seq.seq_id,
-            token_ids=seq.token_ids[seq.num_prompt_tokens + request.emitted_tokens : seq.num_known_tokens],
-            text=text[request.emitted : end],
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason,
-        )
-        request.emitted, request.emitted_tokens = end, seq.num_output_tokens
+        end = max(len(text) - (0 if finished else max(request.max_stop_len - 1, 0)), request.emitted)
+        delta = StreamDelta(seq.seq_id, seq.seq_id, seq.token_ids[request.emitted_until : known],
+                            text[request.emitted : end], finished, seq.finish_reason)
+        request.emitted, request.emitted_until = end, known
         return delta
 
 
