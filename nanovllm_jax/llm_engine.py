@@ -5,7 +5,7 @@ import functools
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import xxhash
@@ -161,7 +161,10 @@ class LLMEngine:
         return self.add_requests([prompt], [params if params is not None else SamplingParams()])[0]
 
     def add_requests(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[int]:
-        """Validate every request first (a bad one adds none), then add them all; returns their ids."""
+        """Validate every request first (a bad one adds none), then add them all; returns their ids.
+        Each request keeps a copy of its params, checked again: changing the caller's object (before
+        or after) cannot put unchecked values into a step."""
+        params = [replace(p) if isinstance(p, SamplingParams) else p for p in params]
         token_ids = [self.validate(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
         with self._lock:
             return [self._add(*request) for request in zip(prompts, params, token_ids)]

@@ -816,3 +816,26 @@ def test_an_empty_string_prompt_is_empty_even_where_the_tokenizer_adds_bos(monke
     with pytest.raises(ValueError, match="prompt is empty"):
         llm.generate("", use_tqdm=False)
     assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt_token_ids[0] == 2
+
+
+def test_a_request_keeps_the_params_it_was_added_with():
+    llm = LLM(backend="mock", max_model_len=256)
+    params = SamplingParams(max_tokens=5, stop=["never"], **GREEDY)
+    rid = llm.engine.add_request([20, 21, 22], params)
+    params.max_tokens, params.temperature, params.logprobs = 50, 1.0, 3
+    params.stop.append("")  # an empty stop string would stop at once
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    out = llm.engine.release(rid)
+    assert out.token_ids == mock_generate([20, 21, 22], SamplingParams(max_tokens=5, **GREEDY), 1024, set())
+    assert out.logprobs is None and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("max_tokens", 0), ("top_p", 2.0), ("stop", [""])])
+def test_params_changed_after_they_were_made_are_checked_again(field, value):
+    llm = LLM(backend="mock", max_model_len=256)
+    params = SamplingParams()
+    setattr(params, field, value)
+    with pytest.raises(ValueError, match=field):
+        llm.generate([[20, 21, 22]], params, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
