@@ -105,7 +105,7 @@ class BlockManager:
             return
         bs = self.block_size
         hashes = seq.block_hashes
-        num_full = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending) // bs  # known tokens
+        num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // bs
         if num_full <= len(hashes):  # most steps: a decode inside its last block
             return
         for i in range(len(hashes), num_full):
