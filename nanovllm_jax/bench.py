@@ -20,11 +20,12 @@ from typing import Callable
 
 import numpy as np
 
-from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.config import EngineConfig, read_json_object
 from nanovllm_jax.disk_cache import cache_home
 from nanovllm_jax.sampling_params import SamplingParams
 
 CACHE = cache_home()
+MAX_REQUEST_TOKENS = 1 << 20  # a sanity bound on --max-input-len + --max-output-len (checked before any model loads)
 
 
 @dataclass
@@ -287,14 +288,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--backend names an engine twice")
     if args.random_weights and "mock" in args.backend:
         p.error("the mock backend runs its own toy model: --random-weights needs jax or onnx")
-    if args.json and not _writable_file_path(Path(args.json)):
-        p.error(f"--json {args.json}: not a writable file path")
     if args.num_seqs < 1:
         p.error("--num-seqs must be >= 1")
     if args.min_input_len < 1 or args.min_input_len > args.max_input_len:
         p.error(f"need 1 <= --min-input-len ({args.min_input_len}) <= --max-input-len ({args.max_input_len})")
     if args.min_output_len < 1 or args.min_output_len > args.max_output_len:
         p.error(f"need 1 <= --min-output-len ({args.min_output_len}) <= --max-output-len ({args.max_output_len})")
+    if args.max_input_len + args.max_output_len > MAX_REQUEST_TOKENS:
+        p.error(f"--max-input-len + --max-output-len ({args.max_input_len + args.max_output_len}) exceeds "
+                f"{MAX_REQUEST_TOKENS} tokens, beyond any supported model's context")
+    if args.seed < 0 or args.seed + args.num_seqs > 2**32:
+        p.error(f"--seed must be in [0, 2**32 - --num-seqs] (request i samples with seed + i), got {args.seed}")
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     if args.compare and args.backend == ["mock"]:
@@ -304,15 +308,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         SamplingParams(temperature=args.temperature)
     except ValueError as e:
         p.error(str(e))
+    if args.json and not _writable_file_path(Path(args.json)):
+        p.error(f"--json {args.json}: not a writable file path")
     return args
 
 
 def _writable_file_path(path: Path) -> bool:
-    """Whether a file can be written at `path`, creating its missing parent dirs."""
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    return not path.is_dir() and parent.is_dir() and os.access(parent, os.W_OK)
+    """Whether a file can be written at `path` (tried now, so a run's results are not lost at its end);
+    creates its missing parent dirs."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError:
+        return False
+    if not existed:
+        path.unlink()
+    return True
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -383,7 +396,7 @@ def _ms(p: dict, digits: int) -> str:
 def _vocab_size(model: str | None) -> int:
     if model is None:
         return 1024
-    config = json.loads((Path(model) / "config.json").read_text())
+    config = read_json_object(Path(model) / "config.json")
     return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 1024)
 
 

@@ -1,8 +1,10 @@
 """Engine configuration: every engine kwarg of `LLM(...)`, validated in one place."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 
 @dataclass
@@ -37,6 +39,10 @@ class EngineConfig:
         return config
 
     def validate(self) -> None:
+        if self.model is not None:
+            if not isinstance(self.model, (str, os.PathLike)):
+                raise ValueError(f"model must be None, a model dir or a .gguf path, got {self.model!r}")
+            self.model = os.fspath(self.model)
         if self.backend not in self.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(self.BACKENDS)}")
         _require_int("max_num_seqs", self.max_num_seqs, 1)
@@ -77,11 +83,24 @@ class EngineConfig:
                 f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
                 f">= max_model_len ({self.max_model_len}) so that every prompt fits in one step"
             )
+        # no step holds more: a larger budget would only compile programs for steps that never come
+        self.max_num_batched_tokens = min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)
 
     @property
     def max_blocks_per_seq(self) -> int:
         assert self.max_model_len is not None
         return -(-self.max_model_len // self.kvcache_block_size)
+
+
+def read_json_object(path: Path) -> dict:
+    """A model dir's JSON file (config.json, tokenizer_config.json ...), or a ValueError naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _require_int(name: str, value, minimum: int) -> None:

@@ -60,12 +60,16 @@ class LLM:
     def chat(self, conversations: list[dict] | list[list[dict]], sampling_params: ParamsArg = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"}) or several, via the chat template."""
-        if conversations and isinstance(conversations[0], dict):
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError("conversations must be a conversation (a list of {'role', 'content'} messages) or a "
+                             f"non-empty list of them, got {_describe(conversations)}")
+        if isinstance(conversations[0], dict):
             conversations = [conversations]
         return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
 
     def chat_prompt(self, conversation: list[dict]) -> list[int]:
         """The prompt token ids of a conversation, ready for the assistant's reply."""
+        _check_conversation(conversation)
         text = self.tokenizer.apply_chat_template(conversation)
         # The template already holds the BOS token, so the text is encoded without specials.
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -131,9 +135,30 @@ class LLM:
                     self.engine.release(request_id)
 
 
+def _check_conversation(conversation) -> None:
+    """A list of messages, each a dict with a string role and a string (or a list of parts) content."""
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError(f"a conversation must be a non-empty list of messages, got {_describe(conversation)}")
+    for i, message in enumerate(conversation):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), (str, list))):
+            raise ValueError(f"message {i} must be a dict with a string 'role' and a string (or list of parts) "
+                             f"'content', got {_describe(message)}")
+
+
+def _describe(value) -> str:
+    """A bad argument's shape for an error message: types, not the user's text."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {type(v).__name__}" for k, v in value.items()) + "}"
+    if value is None or isinstance(value, (list, tuple)) and not value:
+        return repr(value)
+    return type(value).__name__
+
+
 def _as_list(prompts) -> list[Prompt]:
     """One prompt or a sequence of them, as a list of strings and token-id sequences."""
-    if isinstance(prompts, (str, dict)) or _is_token_ids(prompts) or not isinstance(prompts, Iterable):
+    if (isinstance(prompts, (str, dict)) or _is_token_ids(prompts) or not isinstance(prompts, Iterable)
+            or (isinstance(prompts, np.ndarray) and prompts.ndim == 0)):
         prompts = [prompts]
     prompts = [_from_dict(p) if isinstance(p, dict) else p for p in prompts]
     if not prompts:
@@ -155,8 +180,7 @@ def _from_dict(prompt: dict) -> Prompt:
     if list(prompt) == ["prompt_token_ids"] and isinstance(prompt["prompt_token_ids"], (list, tuple, np.ndarray)):
         return prompt["prompt_token_ids"]
     raise ValueError(
-        "a dict prompt must be {'prompt': str} or {'prompt_token_ids': list of token ids}, "
-        f"got {{{', '.join(f'{k!r}: {type(v).__name__}' for k, v in prompt.items())}}}"
+        f"a dict prompt must be {{'prompt': str}} or {{'prompt_token_ids': list of token ids}}, got {_describe(prompt)}"
     )
 
 
@@ -165,6 +189,9 @@ def _per_prompt(sampling_params: ParamsArg, n: int) -> list[SamplingParams]:
         return [SamplingParams()] * n
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * n
+    if not isinstance(sampling_params, (list, tuple)):
+        raise ValueError("sampling_params must be a SamplingParams, a list of them or None, "
+                         f"got {type(sampling_params).__name__}")
     params = list(sampling_params)
     if len(params) != n:
         raise ValueError(f"got {len(params)} sampling params for {n} prompts")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,8 @@ from nanovllm_jax.sampling_params import SamplingParams
 from nanovllm_jax.scheduler import ScheduledBatch, Scheduler
 from nanovllm_jax.sequence import PENDING, Sequence, SequenceStatus
 from nanovllm_jax.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -87,7 +90,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.runner, self.tokenizer = create_backend(config)
-        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        vocab = self.runner.vocab_size
+        # an EOS id the model cannot sample stops nothing, and banning it (min_tokens) would index past the logits
+        self.eos_token_ids = frozenset(t for t in self.tokenizer.eos_token_ids if 0 <= t < vocab)
+        if len(self.eos_token_ids) < len(self.tokenizer.eos_token_ids):
+            log.warning("EOS ids %s are outside the model's vocabulary (%d): ignored",
+                        sorted(set(self.tokenizer.eos_token_ids) - self.eos_token_ids), vocab)
         self.block_manager = BlockManager(
             self.runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
@@ -107,7 +115,13 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
+            try:
+                prompt.encode()
+            except UnicodeEncodeError as e:  # a lone surrogate, as from undecodable command-line bytes
+                raise ValueError(f"prompt is not valid text: {e.reason} at position {e.start}") from None
             token_ids = self.tokenizer.encode(prompt) if prompt else []  # not just the BOS a tokenizer adds
+        elif isinstance(prompt, np.ndarray) and prompt.ndim != 1:
+            raise ValueError(f"a prompt of token ids must be one-dimensional, got an array of shape {prompt.shape}")
         elif isinstance(prompt, (list, tuple, np.ndarray)):
             not_ints = [t for t in prompt if not _is_token_id(t)]
             if not_ints:
@@ -164,8 +178,10 @@ class LLMEngine:
         """Validate every request first (a bad one adds none), then add them all; returns their ids.
         Each request keeps a copy of its params, checked again: changing the caller's object (before
         or after) cannot put unchecked values into a step."""
+        if len(prompts) != len(params):
+            raise ValueError(f"got {len(prompts)} prompts and {len(params)} sampling params")
         params = [replace(p) if isinstance(p, SamplingParams) else p for p in params]
-        token_ids = [self.validate(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        token_ids = [self.validate(prompt, p) for prompt, p in zip(prompts, params)]
         with self._lock:
             return [self._add(*request) for request in zip(prompts, params, token_ids)]
 

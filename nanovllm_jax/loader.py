@@ -5,7 +5,6 @@ in the chosen dtype, with no torch.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +14,7 @@ import ml_dtypes  # noqa: F401  registers numpy's "bfloat16" for safetensors' nu
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from nanovllm_jax.config import read_json_object
 from nanovllm_jax.models import model_module
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -30,7 +30,10 @@ class SafetensorsDir:
         model_dir = Path(model_dir)
         index = model_dir / "model.safetensors.index.json"
         if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no weight_map object")
+            files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in model_dir.glob("*.safetensors"))
         if not files:
@@ -69,7 +72,7 @@ def read_hf_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise ValueError(f"no config.json in {model_dir}")
-    config = json.loads(path.read_text())
+    config = read_json_object(path)
     check_not_quantized(config, model_dir)
     return config
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, fields
 
@@ -34,7 +33,8 @@ class SamplingParams:
             self.stop = [self.stop]
         for name in ("stop", "stop_token_ids"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, (list, tuple, set, frozenset, np.ndarray)):
+            if value is not None and (not isinstance(value, (list, tuple, set, frozenset, np.ndarray))
+                                      or isinstance(value, np.ndarray) and value.ndim != 1):
                 raise ValueError(f"{name} must be None or a list, got {value!r}")
             setattr(self, name, [_plain_number(v) for v in (value if value is not None else [])])
         _check_float("temperature", self.temperature, 0.0, FLOAT32_MAX, "[0, 3.4e38] (finite)")
@@ -83,15 +83,23 @@ def _plain_number(value):
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     if isinstance(value, numbers.Real) and type(value) not in (float, bool):  # np.float32, np.float64 (a float subclass)
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a Fraction past float's range: left for the range check to name
+            return value
     return value
 
 
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_float(name: str, value, low: float, high: float, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails the range
+        raise ValueError(f"{name} must be in {allowed}, got {_shown(value)}")
 
 
 def _check_int(name: str, value, low: int, allowed: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be {allowed}, got {_shown(value)}")

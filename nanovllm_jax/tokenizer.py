@@ -1,12 +1,13 @@
 """The tokenizer protocol and its one implementation over HF `tokenizers` (SimpleBPE included)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Protocol
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+from nanovllm_jax.config import read_json_object
 
 
 class Tokenizer(Protocol):
@@ -62,7 +63,10 @@ def load_tokenizer(model_dir: str | os.PathLike) -> HFTokenizer:
     model_dir = Path(model_dir)
     tok_file = model_dir / "tokenizer.json"
     if tok_file.exists():
-        tok = _HFTokenizer.from_file(str(tok_file))
+        try:
+            tok = _HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"cannot read {tok_file}: {e}") from None
     else:
         try:
             from transformers import AutoTokenizer
@@ -70,6 +74,8 @@ def load_tokenizer(model_dir: str | os.PathLike) -> HFTokenizer:
             tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)._tokenizer
         except Exception as e:  # noqa: BLE001 - any failure means no usable tokenizer here
             raise ValueError(f"no usable tokenizer in {model_dir}: {e}") from e
+        if tok.get_vocab_size(with_added_tokens=True) < 2:  # transformers' stand-in where no tokenizer files are
+            raise ValueError(f"no usable tokenizer in {model_dir}: no tokenizer.json or other tokenizer files")
     eos, bos, template, special_tokens = _special_ids(model_dir, tok)
     return HFTokenizer(tok, eos, bos, template, special_tokens=special_tokens)
 
@@ -77,13 +83,16 @@ def load_tokenizer(model_dir: str | os.PathLike) -> HFTokenizer:
 def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | None, str | None, dict[str, str]]:
     def read(name: str) -> dict:
         path = model_dir / name
-        return json.loads(path.read_text()) if path.exists() else {}
+        return read_json_object(path) if path.exists() else {}
 
     config, gen_config, tok_config = read("config.json"), read("generation_config.json"), read("tokenizer_config.json")
     eos: list[int] = []
-    for source in (config, config.get("text_config", {}), gen_config):
+    for source in (config, config.get("text_config") or {}, gen_config):
         value = source.get("eos_token_id")
-        eos += [value] if isinstance(value, int) else list(value or [])
+        ids = [] if value is None else [value] if isinstance(value, int) else value
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"eos_token_id in {model_dir} must be a token id or a list of them, got {value!r}")
+        eos += [t for t in ids if t >= 0]  # -1: some configs' "none"
     special_tokens = {}  # tokenizer_config's strings ("<eos>", or {"content": "<eos>", ...})
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = tok_config.get(name)

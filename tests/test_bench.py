@@ -56,7 +56,9 @@ def test_bench_workload_is_seeded():
                                   ["--backend", "mock", "--compare", "hf"], ["--rounds", "0"], ["--num-seqs", "0"],
                                   ["--num-seqs", "-3"], ["--max-num-seqs", "0"], ["--max-num-batched-tokens", "-1"],
                                   ["--block-size", "0"], ["--temperature", "-0.5"], ["--backend", "mock,mock"],
-                                  ["--backend", "mock", "--random-weights", "qwen3-0.6b"], ["--json", "/"], ["--json", __file__ + "/out.json"]])
+                                  ["--backend", "mock", "--random-weights", "qwen3-0.6b"], ["--json", "/"], ["--json", __file__ + "/out.json"],
+                                  ["--json", "/proc/out.json"], ["--seed", "-1"], ["--seed", str(2**32 - 1), "--num-seqs", "2"],
+                                  ["--min-input-len", str(10**10), "--max-input-len", str(10**10)]])
 def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)

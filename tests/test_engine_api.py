@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from fractions import Fraction
 from types import SimpleNamespace
 
 import numpy as np
@@ -137,6 +138,10 @@ def test_logprobs_are_log_softmax_of_the_model_logits(llm):
         (dict(frequency_penalty=-2.5), "frequency_penalty"),
         (dict(stop=[""]), "stop"),
         (dict(stop_token_ids=[-3]), "stop_token_ids"),
+        (dict(temperature=10**400), "temperature"),
+        (dict(top_p=Fraction(10**400, 3)), "top_p"),
+        (dict(stop=np.array("a")), "stop"),
+        (dict(stop_token_ids=np.array([[1]])), "stop_token_ids"),
     ],
 )
 def test_bad_sampling_params_name_the_field(kwargs, field):
@@ -217,6 +222,8 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(llm):
         ([5.9, 6.2], ok, "integers"),
         ([True, False], ok, "integers"),
         ({"prompt_token_ids": [5], "extra": 1}, ok, "dict prompt"),
+        ("caf\ud800", ok, "not valid text"),  # a lone surrogate, as undecodable command-line bytes become
+        (np.array(5), ok, "one-dimensional"),
     ]
     for prompt, params, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -225,6 +232,14 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(llm):
     assert llm.generate(PROMPTS[0], ok, use_tqdm=False)[0].token_ids == expected
     with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
         llm.generate(PROMPTS, [ok, ok], use_tqdm=False)
+    for params in (5, {"temperature": 1.0}, SamplingParams):
+        with pytest.raises(ValueError, match="sampling_params must be a SamplingParams"):
+            llm.generate(PROMPTS[0], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="got 2 prompts and 1 sampling params"):
+        llm.engine.add_requests(PROMPTS[:2], [ok])
+    with pytest.raises(ValueError, match="one-dimensional"):
+        llm.generate(np.array(5), ok, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
 
 
 def test_bad_engine_arguments():
@@ -248,6 +263,17 @@ def test_bad_engine_arguments():
         one_block.generate([[1] * 5], SamplingParams(max_tokens=5), use_tqdm=False)
     for size in (8, 64, 256):  # any power of two from 8 up
         assert LLM(backend="mock", kvcache_block_size=size).generate([[1, 2]], use_tqdm=False)[0].token_ids
+    with pytest.raises(ValueError, match="model must be None, a model dir or a .gguf path"):
+        LLM(123, backend="mock")
+    with pytest.raises(ValueError, match="does not fit in memory"):
+        LLM(backend="mock", num_kvcache_blocks=10**13)
+    assert LLM(backend="mock", max_num_seqs=10**6).engine.runner.num_kvcache_blocks == 1 << 16  # not 128M blocks
+
+
+def test_a_token_budget_past_what_any_step_holds_is_cut_to_it():
+    llm = LLM(backend="mock", max_model_len=64, max_num_seqs=2, max_num_batched_tokens=10**7)
+    assert llm.config.max_num_batched_tokens == 128
+    assert len(llm.generate([[1] * 60] * 3, SamplingParams(max_tokens=4), use_tqdm=False)) == 3
 
 
 def test_prompt_containers_as_in_vllm(llm):
@@ -705,7 +731,8 @@ def test_chat_applies_the_model_chat_template(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--top-p", "3"], "top_p must be in"), (["--max-tokens", "0"], "max_tokens"),
-    (["--chat"], "no chat template"), (["--model", "/no/such/model"], "model path does not exist")])
+    (["--chat"], "no chat template"), (["--model", "/no/such/model"], "model path does not exist"),
+    (["caf\udcff"], "not valid text")])  # bytes that are not UTF-8 on the command line
 def test_generate_cli_turns_bad_input_into_a_usage_error(argv, message, capsys):
     from nanovllm_jax import generate
 
@@ -839,3 +866,55 @@ def test_params_changed_after_they_were_made_are_checked_again(field, value):
     with pytest.raises(ValueError, match=field):
         llm.generate([[20, 21, 22]], params, use_tqdm=False)
     assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("conversations, message", [
+    ({"role": "user", "content": "hi"}, "conversations must be"), (None, "conversations must be"), ([], "conversations must be"),
+    ([{"role": "user"}], "message 0 must be"), ([{"content": "hi"}], "message 0 must be"),
+    ([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]], "message 1 must be"),
+    ([[{"role": "user", "content": "hi"}], []], "a conversation must be a non-empty list"),
+])
+def test_bad_conversations_name_what_is_wrong(tmp_path, conversations, message):
+    shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (tmp_path / "config.json").write_text("{}")
+    llm = LLM(str(tmp_path), backend="mock")
+    with pytest.raises(ValueError, match=message):
+        llm.chat(conversations)
+    assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"config.json": "[1]"}, "config.json must hold a JSON object"),
+    ({"config.json": "{oops"}, "config.json is not valid JSON"),
+    ({"generation_config.json": "[]"}, "generation_config.json must hold a JSON object"),
+    ({"tokenizer_config.json": "null"}, "tokenizer_config.json must hold a JSON object"),
+    ({"config.json": '{"eos_token_id": "2"}'}, "eos_token_id"),
+    ({"tokenizer.json": "garbage"}, "cannot read .*tokenizer.json"),
+])
+def test_malformed_model_files_are_named(tmp_path, files, message):
+    shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
+    (tmp_path / "config.json").write_text("{}")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        LLM(str(tmp_path), backend="mock")
+
+
+def test_a_model_dir_without_tokenizer_files_is_refused(tmp_path):
+    """transformers builds an empty stand-in tokenizer for a known model type without tokenizer files."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}))
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        LLM(str(tmp_path), backend="mock")
+
+
+def test_eos_ids_outside_the_vocabulary_are_ignored(tmp_path):
+    """An EOS id the model cannot sample stops nothing; banned under min_tokens, it once indexed past the
+    logits inside a step and ended every request of the call stepping the engine."""
+    shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [5000, -1]}))
+    llm = LLM(str(tmp_path), backend="mock")
+    assert llm.engine.eos_token_ids == frozenset()
+    params = SamplingParams(max_tokens=5, min_tokens=3, **GREEDY)
+    outs = llm.generate([[20, 21, 22], [7, 8]], params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [mock_generate(p, params, 1024, set()) for p in ([20, 21, 22], [7, 8])]

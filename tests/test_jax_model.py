@@ -291,6 +291,11 @@ def test_loader_errors_name_the_problem(model_dirs, tmp_path):
     with pytest.raises(ValueError, match="FooForCausalLM"):
         load_model(bad_arch)
 
+    no_layers = copy("no_layers")
+    (no_layers / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_hidden_layers"}))
+    with pytest.raises(ValueError, match="config.json lacks the field 'num_hidden_layers'"):
+        load_model(no_layers)
+
     bad_shape = copy("shape")
     (bad_shape / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*shape"):

@@ -14,6 +14,7 @@ from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput
 
 MOCK_MAX_MODEL_LEN = 2048
+MOCK_DEFAULT_MAX_BLOCKS = 1 << 16  # the default cache: every sequence at full length, up to this many blocks
 LOGIT_SCALE = 4.0
 
 
@@ -27,8 +28,13 @@ class MockRunner(HostRunner):
         config.finalize(model_max_len=config.max_model_len or MOCK_MAX_MODEL_LEN)
         self.block_size = config.kvcache_block_size
         self.vocab_size = vocab_size
-        self.num_kvcache_blocks = config.num_kvcache_blocks or config.max_num_seqs * config.max_blocks_per_seq
-        self.token_cache = np.full(self.num_kvcache_blocks * self.block_size, -1, dtype=np.int32)
+        self.num_kvcache_blocks = config.num_kvcache_blocks or min(config.max_num_seqs * config.max_blocks_per_seq,
+                                                                   MOCK_DEFAULT_MAX_BLOCKS)
+        try:
+            self.token_cache = np.full(self.num_kvcache_blocks * self.block_size, -1, dtype=np.int32)
+        except MemoryError:
+            raise ValueError(f"a cache of {self.num_kvcache_blocks} blocks of {self.block_size} tokens does not fit "
+                             "in memory: lower num_kvcache_blocks") from None
 
     def execute(self, batch: StepBatch) -> StepOutput:
         self.token_cache[batch.slot_mapping] = batch.input_ids

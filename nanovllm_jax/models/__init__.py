@@ -7,9 +7,10 @@ max_position_embeddings, vocab_size, num_layers, num_kv_heads, head_dim), load_p
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import jax
 
@@ -23,6 +24,24 @@ class ForwardInputs(NamedTuple):
     slot_mapping: jax.Array  # i32[T]; out of range for padding tokens (the scatter drops them)
     logits_indices: jax.Array  # i32[S]; the token whose logits each sequence row needs
     attn: AttentionMetadata
+
+
+Config = TypeVar("Config")
+
+
+def config_parser(parse: Callable[[dict], Config]) -> Callable[[dict], Config]:
+    """A parse_config whose missing or mistyped config.json field is a ValueError that names it."""
+    @functools.wraps(parse)
+    def checked(hf: dict) -> Config:
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json must hold an object, got {type(hf).__name__}")
+        try:
+            return parse(hf)
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
+        except TypeError as e:
+            raise ValueError(f"config.json has a field of the wrong type: {e}") from None
+    return checked
 
 
 # architecture name -> module path; other families register here (e.g. Gemma 3).

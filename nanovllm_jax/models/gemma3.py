@@ -21,7 +21,7 @@ from nanovllm_jax.layers.attention import paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
-from nanovllm_jax.models import ForwardInputs
+from nanovllm_jax.models import ForwardInputs, config_parser
 from nanovllm_jax.models.llama import GetTensor, check_head_groups, layer_stacker, projection_params, write_kv
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
@@ -69,6 +69,7 @@ _DEFAULTS = dict(
 )
 
 
+@config_parser
 def parse_config(hf: dict) -> Gemma3Config:
     """Read an HF config.json dict: Gemma3ForCausalLM, or the text part of Gemma3ForConditionalGeneration;
     transformers 4.x (rope_theta, rope_local_base_freq, rope_scaling) or 5.x (rope_parameters per layer type)."""

@@ -19,7 +19,7 @@ from nanovllm_jax.layers.attention import paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
-from nanovllm_jax.models import ForwardInputs
+from nanovllm_jax.models import ForwardInputs, config_parser
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -57,6 +57,7 @@ def check_head_groups(heads: int, kv_heads: int) -> None:
         raise ValueError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
 
 
+@config_parser
 def parse_config(hf: dict) -> LlamaConfig:
     """Read an HF config.json dict (transformers 4.x or 5.x field names)."""
     model_type = hf.get("model_type", "")
