@@ -25,7 +25,7 @@ from nanovllm_jax.disk_cache import cache_home
 from nanovllm_jax.sampling_params import SamplingParams
 
 CACHE = cache_home()
-MAX_REQUEST_TOKENS = 1 << 20  # a sanity bound on --max-input-len + --max-output-len (checked before any model loads)
+MAX_WORKLOAD_TOKENS = 1 << 26  # a sanity bound on the workload's size, checked before it is built
 
 
 @dataclass
@@ -294,9 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"need 1 <= --min-input-len ({args.min_input_len}) <= --max-input-len ({args.max_input_len})")
     if args.min_output_len < 1 or args.min_output_len > args.max_output_len:
         p.error(f"need 1 <= --min-output-len ({args.min_output_len}) <= --max-output-len ({args.max_output_len})")
-    if args.max_input_len + args.max_output_len > MAX_REQUEST_TOKENS:
-        p.error(f"--max-input-len + --max-output-len ({args.max_input_len + args.max_output_len}) exceeds "
-                f"{MAX_REQUEST_TOKENS} tokens, beyond any supported model's context")
+    if args.num_seqs * (args.max_input_len + args.max_output_len) > MAX_WORKLOAD_TOKENS:
+        p.error(f"--num-seqs x (--max-input-len + --max-output-len) exceeds {MAX_WORKLOAD_TOKENS} tokens")
     if args.seed < 0 or args.seed + args.num_seqs > 2**32:
         p.error(f"--seed must be in [0, 2**32 - --num-seqs] (request i samples with seed + i), got {args.seed}")
     if args.rounds < 1:

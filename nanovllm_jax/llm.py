@@ -140,8 +140,10 @@ def _check_conversation(conversation) -> None:
     if not isinstance(conversation, (list, tuple)) or not conversation:
         raise ValueError(f"a conversation must be a non-empty list of messages, got {_describe(conversation)}")
     for i, message in enumerate(conversation):
+        content = message.get("content") if isinstance(message, dict) else None
+        # an assistant turn that only calls tools (OpenAI's form) may have no content
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), (str, list))):
+                and (isinstance(content, (str, list)) or content is None and message.get("tool_calls"))):
             raise ValueError(f"message {i} must be a dict with a string 'role' and a string (or list of parts) "
                              f"'content', got {_describe(message)}")
 
@@ -189,7 +191,7 @@ def _per_prompt(sampling_params: ParamsArg, n: int) -> list[SamplingParams]:
         return [SamplingParams()] * n
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * n
-    if not isinstance(sampling_params, (list, tuple)):
+    if not isinstance(sampling_params, Iterable) or isinstance(sampling_params, (str, bytes, dict)):
         raise ValueError("sampling_params must be a SamplingParams, a list of them or None, "
                          f"got {type(sampling_params).__name__}")
     params = list(sampling_params)

@@ -115,10 +115,6 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
-            try:
-                prompt.encode()
-            except UnicodeEncodeError as e:  # a lone surrogate, as from undecodable command-line bytes
-                raise ValueError(f"prompt is not valid text: {e.reason} at position {e.start}") from None
             token_ids = self.tokenizer.encode(prompt) if prompt else []  # not just the BOS a tokenizer adds
         elif isinstance(prompt, np.ndarray) and prompt.ndim != 1:
             raise ValueError(f"a prompt of token ids must be one-dimensional, got an array of shape {prompt.shape}")

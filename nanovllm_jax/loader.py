@@ -82,6 +82,8 @@ def check_not_quantized(hf: dict, model_dir: str | Path) -> None:
     multimodal `text_config`): its int/fp8 weights need scales and kernels this engine does not have.
     GGUF files are dequantized at conversion, and their converted dirs carry no quantization_config."""
     for config in (hf, hf.get("text_config") or {}):
+        if not isinstance(config, dict):
+            raise ValueError(f"{model_dir}: text_config in config.json must be an object, got {type(config).__name__}")
         quant = config.get("quantization_config")
         if quant:
             method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"

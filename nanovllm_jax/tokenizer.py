@@ -33,13 +33,16 @@ class HFTokenizer:
         # the strings a chat template may name (bos_token, eos_token, unk_token, pad_token), as
         # transformers passes them
         self.special_tokens = dict(special_tokens or {})
-        if bos_token_id is not None:
-            self.special_tokens.setdefault("bos_token", tokenizer.id_to_token(bos_token_id))
-        if self.eos_token_ids:
-            self.special_tokens.setdefault("eos_token", tokenizer.id_to_token(self.eos_token_ids[0]))
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        for name, ids in (("bos_token", [bos_token_id]), ("eos_token", self.eos_token_ids)):
+            if ids and ids[0] is not None and 0 <= ids[0] < self.vocab_size:
+                self.special_tokens.setdefault(name, tokenizer.id_to_token(ids[0]))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:  # a lone surrogate, as from undecodable command-line bytes
+            raise ValueError(f"text is not valid Unicode: {e.reason} at position {e.start}") from None
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool | None = None) -> str:
@@ -49,12 +52,18 @@ class HFTokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
+        if not isinstance(self.chat_template, str):
+            raise ValueError(f"the model's chat template is a {type(self.chat_template).__name__}, not a string")
+        from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template  # lazy: heavy import
 
-        rendered, _ = render_jinja_template(
-            conversations=[messages], chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-            **{"bos_token": "", **self.special_tokens},
-        )
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[messages], chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt, **{"bos_token": "", **self.special_tokens},
+            )
+        except (TemplateError, TypeError) as e:  # a broken template, or one refusing the conversation
+            raise ValueError(f"the model's chat template failed on this conversation: {e}") from None
         return rendered[0]
 
 
@@ -86,8 +95,11 @@ def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | N
         return read_json_object(path) if path.exists() else {}
 
     config, gen_config, tok_config = read("config.json"), read("generation_config.json"), read("tokenizer_config.json")
+    text_config = config.get("text_config") or {}
+    if not isinstance(text_config, dict):
+        raise ValueError(f"text_config in {model_dir / 'config.json'} must be an object, got {type(text_config).__name__}")
     eos: list[int] = []
-    for source in (config, config.get("text_config") or {}, gen_config):
+    for source in (config, text_config, gen_config):
         value = source.get("eos_token_id")
         ids = [] if value is None else [value] if isinstance(value, int) else value
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -105,6 +117,8 @@ def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | N
     bos = config.get("bos_token_id", gen_config.get("bos_token_id"))
     if not isinstance(bos, int) and "bos_token" in special_tokens:
         bos = tok.token_to_id(special_tokens["bos_token"])
+    if isinstance(bos, bool) or isinstance(bos, int) and bos < 0:
+        bos = None
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # named templates, as transformers stores several: the default one
         template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from collections import deque
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -222,7 +223,7 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(llm):
         ([5.9, 6.2], ok, "integers"),
         ([True, False], ok, "integers"),
         ({"prompt_token_ids": [5], "extra": 1}, ok, "dict prompt"),
-        ("caf\ud800", ok, "not valid text"),  # a lone surrogate, as undecodable command-line bytes become
+        ("caf\ud800", ok, "not valid Unicode"),  # a lone surrogate, as undecodable command-line bytes become
         (np.array(5), ok, "one-dimensional"),
     ]
     for prompt, params, message in cases:
@@ -235,6 +236,8 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(llm):
     for params in (5, {"temperature": 1.0}, SamplingParams):
         with pytest.raises(ValueError, match="sampling_params must be a SamplingParams"):
             llm.generate(PROMPTS[0], params, use_tqdm=False)
+    for params in (deque([ok, ok]), (ok, ok), (p for p in (ok, ok))):  # any sequence or iterable of them
+        assert [o.token_ids for o in llm.generate(PROMPTS[:2], params, use_tqdm=False)][0] == expected
     with pytest.raises(ValueError, match="got 2 prompts and 1 sampling params"):
         llm.engine.add_requests(PROMPTS[:2], [ok])
     with pytest.raises(ValueError, match="one-dimensional"):
@@ -265,8 +268,9 @@ def test_bad_engine_arguments():
         assert LLM(backend="mock", kvcache_block_size=size).generate([[1, 2]], use_tqdm=False)[0].token_ids
     with pytest.raises(ValueError, match="model must be None, a model dir or a .gguf path"):
         LLM(123, backend="mock")
-    with pytest.raises(ValueError, match="does not fit in memory"):
-        LLM(backend="mock", num_kvcache_blocks=10**13)
+    for blocks in (10**13, 10**20):  # past memory; past numpy's largest array
+        with pytest.raises(ValueError, match="does not fit in memory"):
+            LLM(backend="mock", num_kvcache_blocks=blocks)
     assert LLM(backend="mock", max_num_seqs=10**6).engine.runner.num_kvcache_blocks == 1 << 16  # not 128M blocks
 
 
@@ -732,7 +736,7 @@ def test_chat_applies_the_model_chat_template(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--top-p", "3"], "top_p must be in"), (["--max-tokens", "0"], "max_tokens"),
     (["--chat"], "no chat template"), (["--model", "/no/such/model"], "model path does not exist"),
-    (["caf\udcff"], "not valid text")])  # bytes that are not UTF-8 on the command line
+    (["caf\udcff"], "not valid Unicode")])  # bytes that are not UTF-8 on the command line
 def test_generate_cli_turns_bad_input_into_a_usage_error(argv, message, capsys):
     from nanovllm_jax import generate
 
@@ -873,15 +877,37 @@ def test_params_changed_after_they_were_made_are_checked_again(field, value):
     ([{"role": "user"}], "message 0 must be"), ([{"content": "hi"}], "message 0 must be"),
     ([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]], "message 1 must be"),
     ([[{"role": "user", "content": "hi"}], []], "a conversation must be a non-empty list"),
+    ([{"role": "user", "content": "caf\ud800"}], "not valid Unicode"),
 ])
 def test_bad_conversations_name_what_is_wrong(tmp_path, conversations, message):
-    shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    (tmp_path / "config.json").write_text("{}")
-    llm = LLM(str(tmp_path), backend="mock")
+    llm = LLM(str(chat_model_dir(tmp_path, "{% for m in messages %}{{ m['content'] }}{% endfor %}")), backend="mock")
     with pytest.raises(ValueError, match=message):
         llm.chat(conversations)
     assert not llm.engine.has_unfinished()
+
+
+def chat_model_dir(path, template):
+    shutil.copy(SIMPLE_BPE_PATH, path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_a_tool_calling_turn_without_content_is_a_message(tmp_path):
+    template = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] or m['tool_calls'][0]['name'] }};{% endfor %}"
+    llm = LLM(str(chat_model_dir(tmp_path, template)), backend="mock")
+    conversation = [{"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"name": "forecast"}]},
+                    {"role": "tool", "content": "sunny"}]
+    assert llm.chat_prompt(conversation) == llm.tokenizer.encode("user:weather?;assistant:forecast;tool:sunny;",
+                                                                 add_special_tokens=False)
+
+
+@pytest.mark.parametrize("template", [5, {"a": 1}, "{% for %}", "{{ raise_exception('roles must alternate') }}"])
+def test_a_chat_template_that_fails_is_a_value_error(tmp_path, template):
+    llm = LLM(str(chat_model_dir(tmp_path, template)), backend="mock")
+    with pytest.raises(ValueError, match="chat template"):
+        llm.chat([{"role": "user", "content": "hi"}])
 
 
 @pytest.mark.parametrize("files, message", [
@@ -891,6 +917,7 @@ def test_bad_conversations_name_what_is_wrong(tmp_path, conversations, message):
     ({"tokenizer_config.json": "null"}, "tokenizer_config.json must hold a JSON object"),
     ({"config.json": '{"eos_token_id": "2"}'}, "eos_token_id"),
     ({"tokenizer.json": "garbage"}, "cannot read .*tokenizer.json"),
+    ({"config.json": '{"text_config": [1]}'}, "text_config"),
 ])
 def test_malformed_model_files_are_named(tmp_path, files, message):
     shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
@@ -913,6 +940,7 @@ def test_eos_ids_outside_the_vocabulary_are_ignored(tmp_path):
     logits inside a step and ended every request of the call stepping the engine."""
     shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [5000, -1]}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**20, "bos_token_id": -1}))
     llm = LLM(str(tmp_path), backend="mock")
     assert llm.engine.eos_token_ids == frozenset()
     params = SamplingParams(max_tokens=5, min_tokens=3, **GREEDY)

@@ -295,6 +295,11 @@ def test_loader_errors_name_the_problem(model_dirs, tmp_path):
     (no_layers / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_hidden_layers"}))
     with pytest.raises(ValueError, match="config.json lacks the field 'num_hidden_layers'"):
         load_model(no_layers)
+    for field, value in (("num_hidden_layers", "2"), ("num_attention_heads", 0), ("max_position_embeddings", None),
+                         ("text_config", [1])):
+        (no_layers / "config.json").write_text(json.dumps(config | {field: value}))
+        with pytest.raises(ValueError, match=field if field == "text_config" else "config.json"):
+            load_model(no_layers)
 
     bad_shape = copy("shape")
     (bad_shape / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))

@@ -32,7 +32,7 @@ class MockRunner(HostRunner):
                                                                    MOCK_DEFAULT_MAX_BLOCKS)
         try:
             self.token_cache = np.full(self.num_kvcache_blocks * self.block_size, -1, dtype=np.int32)
-        except MemoryError:
+        except (MemoryError, ValueError):  # numpy: past its largest array as a ValueError
             raise ValueError(f"a cache of {self.num_kvcache_blocks} blocks of {self.block_size} tokens does not fit "
                              "in memory: lower num_kvcache_blocks") from None
 

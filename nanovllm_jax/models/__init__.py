@@ -29,6 +29,13 @@ class ForwardInputs(NamedTuple):
 Config = TypeVar("Config")
 
 
+# the shape fields every model config has (HF's names where they differ): positive integers
+SHAPE_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+                "max_position_embeddings": "max_position_embeddings"}
+
+
 def config_parser(parse: Callable[[dict], Config]) -> Callable[[dict], Config]:
     """A parse_config whose missing or mistyped config.json field is a ValueError that names it."""
     @functools.wraps(parse)
@@ -36,11 +43,16 @@ def config_parser(parse: Callable[[dict], Config]) -> Callable[[dict], Config]:
         if not isinstance(hf, dict):
             raise ValueError(f"config.json must hold an object, got {type(hf).__name__}")
         try:
-            return parse(hf)
+            cfg = parse(hf)
         except KeyError as e:
             raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
-        except TypeError as e:
-            raise ValueError(f"config.json has a field of the wrong type: {e}") from None
+        except (TypeError, AttributeError, ZeroDivisionError) as e:
+            raise ValueError(f"config.json has a field of the wrong type or value: {e}") from None
+        for name, hf_name in SHAPE_FIELDS.items():
+            value = getattr(cfg, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config.json field {hf_name} must be a positive integer, got {value!r}")
+        return cfg
     return checked
 
 
