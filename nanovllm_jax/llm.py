@@ -136,16 +136,14 @@ class LLM:
 
 
 def _check_conversation(conversation) -> None:
-    """A list of messages, each a dict with a string role and a string (or a list of parts) content."""
+    """A list of messages, each a dict with a string role and a content (any the template takes: text, parts,
+    a tool's JSON), or none where the message calls tools (OpenAI's form)."""
     if not isinstance(conversation, (list, tuple)) or not conversation:
         raise ValueError(f"a conversation must be a non-empty list of messages, got {_describe(conversation)}")
     for i, message in enumerate(conversation):
-        content = message.get("content") if isinstance(message, dict) else None
-        # an assistant turn that only calls tools (OpenAI's form) may have no content
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and (isinstance(content, (str, list)) or content is None and message.get("tool_calls"))):
-            raise ValueError(f"message {i} must be a dict with a string 'role' and a string (or list of parts) "
-                             f"'content', got {_describe(message)}")
+                and (message.get("content") is not None or message.get("tool_calls"))):
+            raise ValueError(f"message {i} must be a dict with a string 'role' and a 'content', got {_describe(message)}")
 
 
 def _describe(value) -> str:

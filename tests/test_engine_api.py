@@ -271,7 +271,7 @@ def test_bad_engine_arguments():
     for blocks in (10**13, 10**20):  # past memory; past numpy's largest array
         with pytest.raises(ValueError, match="does not fit in memory"):
             LLM(backend="mock", num_kvcache_blocks=blocks)
-    assert LLM(backend="mock", max_num_seqs=10**6).engine.runner.num_kvcache_blocks == 1 << 16  # not 128M blocks
+    assert LLM(backend="mock", max_num_seqs=10**6).engine.runner.num_kvcache_blocks == 1 << 20  # not 128M blocks
 
 
 def test_a_token_budget_past_what_any_step_holds_is_cut_to_it():
@@ -893,14 +893,15 @@ def chat_model_dir(path, template):
     return path
 
 
-def test_a_tool_calling_turn_without_content_is_a_message(tmp_path):
+def test_tool_turns_are_messages(tmp_path):
+    """An assistant turn that only calls tools has no content; a tool's result may be JSON (templates render it)."""
     template = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] or m['tool_calls'][0]['name'] }};{% endfor %}"
     llm = LLM(str(chat_model_dir(tmp_path, template)), backend="mock")
     conversation = [{"role": "user", "content": "weather?"},
                     {"role": "assistant", "content": None, "tool_calls": [{"name": "forecast"}]},
-                    {"role": "tool", "content": "sunny"}]
-    assert llm.chat_prompt(conversation) == llm.tokenizer.encode("user:weather?;assistant:forecast;tool:sunny;",
-                                                                 add_special_tokens=False)
+                    {"role": "tool", "content": {"sky": "sunny"}}]
+    assert llm.chat_prompt(conversation) == llm.tokenizer.encode(
+        "user:weather?;assistant:forecast;tool:{'sky': 'sunny'};", add_special_tokens=False)
 
 
 @pytest.mark.parametrize("template", [5, {"a": 1}, "{% for %}", "{{ raise_exception('roles must alternate') }}"])

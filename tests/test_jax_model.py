@@ -296,7 +296,7 @@ def test_loader_errors_name_the_problem(model_dirs, tmp_path):
     with pytest.raises(ValueError, match="config.json lacks the field 'num_hidden_layers'"):
         load_model(no_layers)
     for field, value in (("num_hidden_layers", "2"), ("num_attention_heads", 0), ("max_position_embeddings", None),
-                         ("text_config", [1])):
+                         ("max_position_embeddings", 2048.5), ("text_config", [1])):
         (no_layers / "config.json").write_text(json.dumps(config | {field: value}))
         with pytest.raises(ValueError, match=field if field == "text_config" else "config.json"):
             load_model(no_layers)
@@ -336,3 +336,13 @@ def test_loads_sharded_checkpoint_in_bfloat16(model_dirs, tmp_path):
     assert params["embed"].dtype == jnp.bfloat16 and params["rope_inv_freq"].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(params["embed"], np.float32), tensors["model.embed_tokens.weight"],
                                rtol=1e-2, atol=1e-2)
+
+
+def test_whole_number_floats_in_config_shape_fields_are_counts():
+    """Some exporters write counts as floats (2048.0): taken as integers."""
+    from nanovllm_jax.models import llama
+    from nanovllm_jax.random_models import RANDOM_CONFIGS
+
+    base = dict(RANDOM_CONFIGS["qwen3-0.6b"], num_hidden_layers=2)
+    assert llama.parse_config(dict(base, max_position_embeddings=2048.0)) == llama.parse_config(
+        dict(base, max_position_embeddings=2048))

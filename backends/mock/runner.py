@@ -14,7 +14,7 @@ from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput
 
 MOCK_MAX_MODEL_LEN = 2048
-MOCK_DEFAULT_MAX_BLOCKS = 1 << 16  # the default cache: every sequence at full length, up to this many blocks
+MOCK_DEFAULT_MAX_BLOCKS = 1 << 20  # the default cache: every sequence at full length, up to this many blocks
 LOGIT_SCALE = 4.0
 
 

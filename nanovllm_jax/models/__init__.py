@@ -7,6 +7,7 @@ max_position_embeddings, vocab_size, num_layers, num_kv_heads, head_dim), load_p
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from types import ModuleType
@@ -50,6 +51,9 @@ def config_parser(parse: Callable[[dict], Config]) -> Callable[[dict], Config]:
             raise ValueError(f"config.json has a field of the wrong type or value: {e}") from None
         for name, hf_name in SHAPE_FIELDS.items():
             value = getattr(cfg, name)
+            if isinstance(value, float) and value.is_integer():  # 2048.0, as some exporters write counts
+                value = int(value)
+                cfg = dataclasses.replace(cfg, **{name: value})
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config.json field {hf_name} must be a positive integer, got {value!r}")
         return cfg
