@@ -32,7 +32,7 @@ def timed(fn, *args, runs: int = 20) -> float:
     return (time.perf_counter() - start) / runs * 1e3
 
 
-def decode_case(seqs: int, bs: int, k_cache, v_cache, contiguous: bool = False):
+def decode_case(seqs: int, bs: int, contiguous: bool = False):
     rng = np.random.default_rng(seqs)
     lens = rng.integers(MAX_LEN // 20, MAX_LEN, size=seqs)
     width = MAX_LEN // bs
@@ -69,10 +69,10 @@ def main(out: Path) -> None:
 
         try:
             for seqs in (256, 64) if GPU else (4,):
-                q, meta, read_gb = decode_case(seqs, bs, k_cache, v_cache, contiguous)
+                q, meta, read_gb = decode_case(seqs, bs, contiguous)
                 ms = timed(jax.jit(attention), q, k_cache, v_cache, meta)
                 row[f"ms_{seqs}"], row[f"tb_s_{seqs}"] = round(ms, 4), round(read_gb / ms, 3)
-            q, meta, _ = decode_case(check_seqs, bs, k_cache, v_cache, contiguous=True)
+            q, meta, _ = decode_case(check_seqs, bs, contiguous=True)
             got = np.asarray(jax.jit(attention)(q, k_cache, v_cache, meta), np.float32)
             reference = got if reference is None else reference
             row["rel_diff"] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))

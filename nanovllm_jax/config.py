@@ -103,6 +103,14 @@ def read_json_object(path: Path) -> dict:
     return value
 
 
+def text_config_of(config: dict, path: Path) -> dict:
+    """config.json's `text_config` (a multimodal checkpoint's decoder), {} where it has none."""
+    text = config.get("text_config") or {}
+    if not isinstance(text, dict):
+        raise ValueError(f"text_config in {path} must be an object, got {type(text).__name__}")
+    return text
+
+
 def _require_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

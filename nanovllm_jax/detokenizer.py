@@ -21,9 +21,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.tokens.append(token_id)
-        if self._prefix_text is None:
-            self._prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
-        prefix_text = self._prefix_text
+        prefix_text = self._prefix()
         full_text = self.tokenizer.decode(self.tokens[self.prefix_offset :])
         if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
             if full_text == prefix_text and not self.tokenizer.decode([token_id]):
@@ -39,9 +37,12 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end, emit whatever is left (an incomplete character decodes as U+FFFD)."""
-        rest = self.tokenizer.decode(self.tokens[self.prefix_offset :])[
-            len(self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])) :
-        ]
+        rest = self.tokenizer.decode(self.tokens[self.prefix_offset :])[len(self._prefix()) :]
         self.read_offset, self._prefix_text = len(self.tokens), None
         self.text += rest
         return rest
+
+    def _prefix(self) -> str:
+        if self._prefix_text is None:
+            self._prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+        return self._prefix_text

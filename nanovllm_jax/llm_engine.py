@@ -16,7 +16,8 @@ from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.default_model import resolve_model
 from nanovllm_jax.detokenizer import IncrementalDetokenizer
 from nanovllm_jax.outputs import Logprob, RequestOutput, StreamDelta
-from nanovllm_jax.runner import MAX_BANNED_IDS, ModelRunner, PendingOutput, SamplingBatch, StepBatch
+from nanovllm_jax.runner import (MAX_BANNED_IDS, SAMPLING_FLOAT_FIELDS, ModelRunner, PendingOutput, SamplingBatch,
+                                 StepBatch)
 from nanovllm_jax.sampling_params import SamplingParams
 from nanovllm_jax.scheduler import ScheduledBatch, Scheduler
 from nanovllm_jax.sequence import PENDING, Sequence, SequenceStatus
@@ -25,7 +26,6 @@ from nanovllm_jax.tokenizer import Tokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
-_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _serialized(method):
@@ -72,7 +72,7 @@ class _Request:
     emitted_until: int = 0  # seq.token_ids already streamed (the prompt counts as streamed)
     banned_ids: list[int] = field(default_factory=list)
     stop_ids: frozenset[int] = frozenset()  # stop_token_ids, and the EOS ids unless ignore_eos
-    sampling_row: tuple[float, ...] = ()  # the _FLOAT_PARAMS values a step's batch takes, fixed at add
+    sampling_row: tuple[float, ...] = ()  # its SAMPLING_FLOAT_FIELDS values, fixed at add
     top_k: int = 0  # 0: off
 
     @property
@@ -196,8 +196,8 @@ class LLMEngine:
             emitted_until=len(token_ids),
             stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
             banned_ids=self._banned_ids(params),
-            sampling_row=(0.0 if params.greedy else params.temperature, params.top_p, params.min_p,
-                          params.repetition_penalty, params.presence_penalty, params.frequency_penalty),
+            sampling_row=tuple(0.0 if name == "temperature" and params.greedy else getattr(params, name)
+                               for name in SAMPLING_FLOAT_FIELDS),
             # as in vLLM, a top_k of the whole vocabulary or more keeps every token: off (and int32-safe)
             top_k=params.top_k if 0 < params.top_k < self.runner.vocab_size else 0,
         )
@@ -355,10 +355,10 @@ class LLMEngine:
         banned = np.full((len(seqs), max(map(len, banned_rows.values()), default=1)), -1, dtype=np.int32)
         for row, ids in banned_rows.items():
             banned[row, : len(ids)] = ids
-        floats = np.array([r.sampling_row for r in requests], np.float32).reshape(len(seqs), len(_FLOAT_PARAMS))
+        floats = np.array([r.sampling_row for r in requests], np.float32).reshape(len(seqs), len(SAMPLING_FLOAT_FIELDS))
         wanted = [seq.params.logprobs for seq in seqs if seq.params.logprobs is not None]
         return SamplingBatch(
-            **dict(zip(_FLOAT_PARAMS, np.ascontiguousarray(floats.T))),
+            **dict(zip(SAMPLING_FLOAT_FIELDS, np.ascontiguousarray(floats.T))),
             top_k=np.array([r.top_k for r in requests], dtype=np.int32),
             seeds=np.array([seq.seed for seq in seqs], dtype=np.uint32),
             prompt_lens=np.array([seq.num_prompt_tokens for seq in seqs], dtype=np.int32),

@@ -14,7 +14,7 @@ import ml_dtypes  # noqa: F401  registers numpy's "bfloat16" for safetensors' nu
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from nanovllm_jax.config import read_json_object
+from nanovllm_jax.config import read_json_object, text_config_of
 from nanovllm_jax.models import model_module
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -81,9 +81,7 @@ def check_not_quantized(hf: dict, model_dir: str | Path) -> None:
     """ValueError for a quantized HF checkpoint (config.json `quantization_config`, at the top or in a
     multimodal `text_config`): its int/fp8 weights need scales and kernels this engine does not have.
     GGUF files are dequantized at conversion, and their converted dirs carry no quantization_config."""
-    for config in (hf, hf.get("text_config") or {}):
-        if not isinstance(config, dict):
-            raise ValueError(f"{model_dir}: text_config in config.json must be an object, got {type(config).__name__}")
+    for config in (hf, text_config_of(hf, Path(model_dir) / "config.json")):
         quant = config.get("quantization_config")
         if quant:
             method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"

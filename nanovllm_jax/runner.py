@@ -17,6 +17,10 @@ import numpy as np
 MAX_BANNED_IDS = 32
 
 
+# SamplingBatch's float fields, in one order for whoever builds or packs them together
+SAMPLING_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
     """Per-sequence sampling parameters, one row per scheduled sequence."""

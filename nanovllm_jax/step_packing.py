@@ -19,10 +19,9 @@ from nanovllm_jax.layers.attention import AttentionMetadata
 from nanovllm_jax.layers.attention_kernel import num_tiles, pack_query_tiles
 from nanovllm_jax.layers.sampler import SamplingInputs
 from nanovllm_jax.models import ForwardInputs
-from nanovllm_jax.runner import StepBatch
+from nanovllm_jax.runner import SAMPLING_FLOAT_FIELDS, StepBatch
 
 _SEQ_INT_FIELDS = ("context_lens", "logits_indices", "prompt_lens", "top_k", "seeds")
-_SEQ_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _SEQ_FLAGS = ("use_penalties", "use_logprobs")
 _TOKEN_FIELDS = ("input_ids", "prev_rows", "positions", "slot_mapping", "seq_ids", "cached_lens")
 
@@ -63,7 +62,7 @@ class SeqLayout:
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes = {name: (self.seqs,) for name in _SEQ_INT_FIELDS + _SEQ_FLOAT_FIELDS}
+        shapes = {name: (self.seqs,) for name in _SEQ_INT_FIELDS + SAMPLING_FLOAT_FIELDS}
         shapes |= {"block_tables": (self.seqs, self.table_width), "banned": (self.seqs, self.max_banned)}
         return shapes | {name: () for name in _SEQ_FLAGS}
 

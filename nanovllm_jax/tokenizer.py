@@ -7,7 +7,7 @@ from typing import Protocol
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from nanovllm_jax.config import read_json_object
+from nanovllm_jax.config import read_json_object, text_config_of
 
 
 class Tokenizer(Protocol):
@@ -95,11 +95,8 @@ def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | N
         return read_json_object(path) if path.exists() else {}
 
     config, gen_config, tok_config = read("config.json"), read("generation_config.json"), read("tokenizer_config.json")
-    text_config = config.get("text_config") or {}
-    if not isinstance(text_config, dict):
-        raise ValueError(f"text_config in {model_dir / 'config.json'} must be an object, got {type(text_config).__name__}")
     eos: list[int] = []
-    for source in (config, text_config, gen_config):
+    for source in (config, text_config_of(config, model_dir / "config.json"), gen_config):
         value = source.get("eos_token_id")
         ids = [] if value is None else [value] if isinstance(value, int) else value
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
