@@ -2,7 +2,9 @@
 
 Full blocks are keyed by a chained xxhash of their tokens and checked against the stored token ids.
 A block whose reference count drops to zero joins the free queue but keeps its hash, so it stays a
-cache hit until the queue hands it out again (least recently freed first).
+cache hit until the queue hands it out again (least recently freed first). Blocks never used yet are
+handed out before any freed one, and exist as objects only from then on: the bookkeeping grows with
+the blocks in use, not with the cache (a small model on a large GPU has millions of blocks).
 """
 from __future__ import annotations
 
@@ -36,19 +38,16 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.num_blocks = num_blocks
+        self.blocks: list[Block] = []  # the blocks used so far; ids 0, 1, ... in order of first use
+        self.free_queue: OrderedDict[int, None] = OrderedDict()  # used blocks with no reference
         self.hash_to_block: dict[int, int] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return self.num_blocks - len(self.blocks) + len(self.free_queue)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -138,7 +137,11 @@ class BlockManager:
         return True
 
     def _take_free_block(self) -> int:
-        block_id, _ = self.free_queue.popitem(last=False)
+        if len(self.blocks) < self.num_blocks:
+            block_id = len(self.blocks)
+            self.blocks.append(Block(block_id))
+        else:
+            block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]

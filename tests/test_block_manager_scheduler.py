@@ -68,6 +68,17 @@ def test_shared_blocks_are_reference_counted():
     assert all(block.ref_count == 0 for block in bm.blocks) and bm.num_free_blocks == 8
 
 
+def test_never_used_blocks_go_first_and_cost_nothing_until_then():
+    bm = BlockManager(num_blocks=10**12, block_size=8)  # one object per block would exhaust memory
+    a = seq(0, list(range(17)))
+    run_prefill(bm, a)
+    cached = a.block_table[:2]
+    bm.free(a)
+    assert len(bm.blocks) == 3 and bm.num_free_blocks == 10**12
+    bm.admit(seq(1, list(range(500, 532))), [], 32)  # fresh blocks, not the freed cached ones
+    assert bm.match_prefix(seq(2, list(range(17)))) == cached
+
+
 def make_scheduler(**kwargs) -> Scheduler:
     config = EngineConfig(backend="mock", **kwargs)
     config.finalize(256)
