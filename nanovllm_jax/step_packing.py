@@ -7,6 +7,7 @@ that prefix to a sampler program shared by every token bucket with the same sequ
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -37,18 +38,20 @@ class SamplerInputs(NamedTuple):
     block_tables: jax.Array  # i32[S, W] (for the penalties' context read)
 
 
-def _layout_offsets(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    offsets, at = {}, 0
+Span = tuple[int, int, tuple[int, ...]]  # a field's start, end and shape in the packed array
+
+
+def _spans(shapes: dict[str, tuple[int, ...]], start: int = 0) -> dict[str, Span]:
+    spans = {}
     for name, shape in shapes.items():
-        offsets[name] = at
-        at += int(np.prod(shape))
-    offsets["_end"] = at
-    return offsets
+        end = start + math.prod(shape)
+        spans[name], start = (start, end, shape), end
+    return spans
 
 
-def _view(buf, shapes: dict, offsets: dict, name: str):
-    start = offsets[name]
-    return buf[start: start + int(np.prod(shapes[name]))].reshape(shapes[name])
+def _view(buf, span: Span):
+    start, end, shape = span
+    return buf[start:end].reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,16 @@ class SeqLayout:
         return shapes | {name: () for name in _SEQ_FLAGS}
 
     @cached_property
-    def offsets(self) -> dict[str, int]:
-        return _layout_offsets(self.shapes)
+    def spans(self) -> dict[str, Span]:
+        return _spans(self.shapes)
 
-    @property
+    @cached_property
     def size(self) -> int:
-        return self.offsets["_end"]
+        return max(end for _, end, _ in self.spans.values())
 
     def pack(self, buf: np.ndarray, batch: StepBatch) -> None:
         def field(name: str) -> np.ndarray:
-            return _view(buf, self.shapes, self.offsets, name)
+            return _view(buf, self.spans[name])
 
         s = batch.num_seqs
         width = min(batch.block_tables.shape[1], self.table_width)
@@ -101,7 +104,7 @@ class SeqLayout:
 
     def unpack(self, packed: jax.Array) -> SamplerInputs:
         def field(name: str) -> jax.Array:
-            return _view(packed, self.shapes, self.offsets, name)
+            return _view(packed, self.spans[name])
 
         def as_float(name: str) -> jax.Array:
             return jax.lax.bitcast_convert_type(field(name), jnp.float32)
@@ -137,19 +140,19 @@ class StepLayout:
         return shapes
 
     @cached_property
-    def offsets(self) -> dict[str, int]:
-        return {name: at + self.seq.size for name, at in _layout_offsets(self.shapes).items()}
+    def spans(self) -> dict[str, Span]:
+        return _spans(self.shapes, start=self.seq.size)
 
-    @property
+    @cached_property
     def size(self) -> int:
-        return self.offsets["_end"]
+        return max(end for _, end, _ in self.spans.values())
 
     def pack(self, batch: StepBatch) -> np.ndarray:
         buf = np.zeros(self.size, np.int32)
         self.seq.pack(buf, batch)
 
         def field(name: str) -> np.ndarray:
-            return _view(buf, self.shapes, self.offsets, name)
+            return _view(buf, self.spans[name])
 
         t, s = batch.num_tokens, batch.num_seqs
         new_per_seq = np.diff(batch.query_start)
@@ -170,11 +173,11 @@ class StepLayout:
 
     def unpack(self, packed: jax.Array) -> StepInputs:
         def field(name: str) -> jax.Array:
-            return _view(packed, self.shapes, self.offsets, name)
+            return _view(packed, self.spans[name])
 
         seq_section = packed[: self.seq.size]
         seq = self.seq
-        tables = _view(seq_section, seq.shapes, seq.offsets, "block_tables")
+        tables = _view(seq_section, seq.spans["block_tables"])
         seq_ids = field("seq_ids")
         attn = AttentionMetadata(
             positions=field("positions"),
@@ -188,6 +191,6 @@ class StepLayout:
             query_tile=self.query_tile,
             query_tiles=field("query_tiles") if self.query_tile else None,
         )
-        logits_indices = _view(seq_section, seq.shapes, seq.offsets, "logits_indices")
+        logits_indices = _view(seq_section, seq.spans["logits_indices"])
         forward = ForwardInputs(field("input_ids"), field("slot_mapping"), logits_indices, attn)
         return StepInputs(forward, field("prev_rows"), seq_section)
