@@ -111,7 +111,7 @@ def forward_hlo(module, cfg, params, tokens: int, seqs: int, slots: int) -> str:
         lowered = step.trace(*args, layout=layout).lower()
     finally:
         jax.default_backend = backend
-    return lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False}).as_text()
+    return lowered.compile(compiler_options={**jax_runner.COMPILER_OPTIONS, "xla_gpu_enable_triton_gemm": False}).as_text()
 
 
 def census(hlo: str) -> list[str]:
