@@ -19,7 +19,7 @@ import xxhash
 
 from nanovllm_jax import disk_cache
 
-CONVERTER_VERSION = 4  # bump when the output of a conversion changes, so stale caches are not reused
+CONVERTER_VERSION = 5  # bump when the output of a conversion changes, so stale caches are not reused
 _ENTRY_NAME = re.compile(disk_cache.DIGEST + r"-(?:float32|bfloat16|float16)-v(\d+)")
 
 # GGUF general.architecture -> (HF architectures entry, HF model_type)
@@ -140,7 +140,10 @@ def write_hf_dir(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None
     from . import gguf_tokenizer
 
     reader = open_gguf(gguf_path)
-    metadata = read_metadata(reader)
+    try:
+        metadata = read_metadata(reader)
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: {e}") from e
     if metadata.get("split.count", 1) > 1:
         raise ValueError(f"{gguf_path} is part {metadata.get('split.no', 0) + 1} of a {metadata['split.count']}-part "
                          "split GGUF; merge the parts first (llama.cpp: llama-gguf-split --merge FIRST_PART OUT)")
@@ -152,18 +155,21 @@ def write_hf_dir(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None
     tensors = {t.name: t for t in reader.tensors}
     try:
         config = hf_config(metadata, tensors) | {"torch_dtype": dtype, "dtype": dtype}
+        check_layer_tensors(tensors, config["num_hidden_layers"], architecture)
     except ValueError as e:
         raise ValueError(f"{gguf_path}: {e}") from e
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(metadata), indent=2))
-    if gguf_tokenizer.has_vocab(metadata):  # before the weights: a vocabulary we cannot read fails fast
-        try:
-            tokenizer = gguf_tokenizer.build_tokenizer(architecture, metadata)
-        except (ValueError, KeyError, IndexError) as e:
-            raise ValueError(f"{gguf_path}: cannot build a tokenizer from the embedded vocabulary: {e}") from e
-        tokenizer.save(str(out_dir / "tokenizer.json"))
-        tok_config = gguf_tokenizer.tokenizer_config(architecture, metadata)
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
+    if not gguf_tokenizer.has_vocab(metadata):
+        raise ValueError(f"{gguf_path}: no embedded tokenizer (tokenizer.ggml.tokens and tokenizer.ggml.model are "
+                         "both needed); use a GGUF with its vocabulary")
+    try:  # before the weights: a vocabulary we cannot read fails fast
+        tokenizer = gguf_tokenizer.build_tokenizer(architecture, metadata)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception (e.g. a merge of unknown tokens)
+        raise ValueError(f"{gguf_path}: cannot build a tokenizer from the embedded vocabulary: {e}") from e
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tok_config = gguf_tokenizer.tokenizer_config(architecture, metadata)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
 
     plan = [(t.name, hf_tensor_name(architecture, t.name), tuple(int(d) for d in reversed(t.shape)))
             for t in reader.tensors if t.name not in _CONFIG_ONLY_TENSORS]
@@ -186,6 +192,9 @@ def open_gguf(path: Path):
         reader = GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error, TypeError) as e:
         raise ValueError(f"{path}: not a valid GGUF file (corrupt or truncated header?): {e}") from e
+    if reader.byte_order != "I":
+        raise ValueError(f"{path}: this GGUF file's byte order ({reader.endianess.name.lower()}-endian) is not this "
+                         f"machine's, which is unsupported; convert it first: gguf-convert-endian {path} native")
     size = path.stat().st_size
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
@@ -197,7 +206,15 @@ def open_gguf(path: Path):
 
 def read_metadata(reader) -> dict[str, Any]:
     """Every metadata field as a plain Python value (strings decoded, arrays as lists)."""
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    metadata = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            metadata[name] = field.contents()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"metadata field {name!r} is not valid UTF-8 text: {e}") from e
+    return metadata
 
 
 def supported_tensor_types() -> set[str]:
@@ -236,6 +253,12 @@ def hf_config(metadata: dict[str, Any], tensors: dict[str, Any]) -> dict[str, An
     missing = [f"{arch}.{name}" for name in _REQUIRED_KEYS if key(name) is None]
     if missing:
         raise ValueError(f"GGUF metadata lacks {', '.join(missing)}, needed for the model config")
+    for name in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count", "context_length",
+                 "attention.head_count_kv", "attention.key_length", "rope.dimension_count"):
+        value = key(name)
+        values = value if isinstance(value, list) and name == "attention.head_count_kv" else [value]
+        if value is not None and not (values and all(map(_positive_int, values))):
+            raise ValueError(f"GGUF metadata {arch}.{name} must be a positive integer, got {value!r}")
     hidden, heads = key("embedding_length"), key("attention.head_count")
     kv_heads = key("attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # per-layer counts; the architectures here use one value
@@ -278,20 +301,43 @@ def hf_config(metadata: dict[str, Any], tensors: dict[str, Any]) -> dict[str, An
     return config
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
 def _vocab_size(metadata: dict[str, Any], tensors: dict[str, Any]) -> int:
+    """The embedding rows; llama.cpp refuses a file whose vocab_size or token list disagrees with them."""
     arch = metadata["general.architecture"]
-    if f"{arch}.vocab_size" in metadata:
-        return int(metadata[f"{arch}.vocab_size"])
-    if "token_embd.weight" in tensors:  # ggml dims are (hidden, vocab)
-        return int(tensors["token_embd.weight"].shape[-1])
-    return len(metadata["tokenizer.ggml.tokens"])
+    if "token_embd.weight" not in tensors:
+        raise ValueError("the file has no token_embd.weight tensor (the token embeddings)")
+    rows = int(tensors["token_embd.weight"].shape[-1])  # ggml dims are (hidden, vocab)
+    declared = metadata.get(f"{arch}.vocab_size", rows)
+    if declared != rows:
+        raise ValueError(f"{arch}.vocab_size is {declared!r} but token_embd.weight has {rows} rows")
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    if len(tokens) > rows:
+        raise ValueError(f"the vocabulary has {len(tokens)} tokens but token_embd.weight only {rows} rows")
+    return rows
+
+
+def check_layer_tensors(tensors: Iterable[str], layers: int, architecture: str) -> None:
+    """Tensors of layers past block_count would be dropped silently (llama.cpp refuses such a file)."""
+    extra = sorted({int(m[1]) for name in tensors if (m := re.match(r"blk\.(\d+)\.", name))} - set(range(layers)))
+    if extra:
+        raise ValueError(f"tensors of layer(s) {extra} but {architecture}.block_count is {layers}")
 
 
 def _gemma3_fields(metadata: dict[str, Any], config: dict[str, Any], rope_scaling: dict | None) -> dict[str, Any]:
     """What Gemma 3 adds; llama.cpp hard-codes some of it rather than writing it to the file."""
     key = lambda name, default=None: metadata.get(f"gemma3.{name}", default)  # noqa: E731
     layers = config["num_hidden_layers"]
+    if not _positive_int(key("attention.sliding_window")):  # llama.cpp requires it too
+        raise ValueError(f"GGUF metadata gemma3.attention.sliding_window must be a positive integer, "
+                         f"got {key('attention.sliding_window')!r}")
     pattern = key("attention.sliding_window_pattern", 6)
+    if not (isinstance(pattern, list) or _positive_int(pattern)):
+        raise ValueError(f"GGUF metadata gemma3.attention.sliding_window_pattern must be a positive integer or "
+                         f"a list of per-layer flags, got {pattern!r}")
     if isinstance(pattern, list):  # newer files: one flag per layer, true where the layer slides
         layer_types = ["sliding_attention" if swa else "full_attention" for swa in pattern]
     else:

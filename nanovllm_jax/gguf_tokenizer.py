@@ -113,9 +113,17 @@ def tokenizer_config(architecture: str, metadata: dict[str, Any]) -> dict[str, A
     return config
 
 
+# byte-level pre-tokenizers for which llama.cpp adds BOS when the file has no add_bos_token (llama-vocab.cpp):
+# Llama 3's early GGUFs, for one, carry no flag
+_BOS_BY_DEFAULT_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                       "tekken", "chameleon"}
+
+
 def _adds_bos(metadata: dict[str, Any]) -> bool:
-    # llama.cpp adds BOS to a sentencepiece ("llama") vocabulary unless the file says otherwise
-    default = metadata.get("tokenizer.ggml.model") == "llama"
+    # llama.cpp adds BOS to a sentencepiece ("llama") vocabulary unless the file says otherwise, and to byte-level
+    # ("gpt2") ones of the pre-tokenizers above
+    model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
+    default = model == "llama" or (model == "gpt2" and pre in _BOS_BY_DEFAULT_PRE)
     return bool(metadata.get("tokenizer.ggml.add_bos_token", default)) and "tokenizer.ggml.bos_token_id" in metadata
 
 

@@ -440,3 +440,107 @@ def test_missing_hyperparameters(tmp_path):
     path = synth.write_raw_gguf(tmp_path / "bare.gguf", "qwen3", embedding)
     with pytest.raises(ValueError, match=r"bare.gguf.*lacks qwen3.embedding_length"):
         convert_gguf(path, cache_dir=tmp_path / "cache")
+
+
+def _rewritten(src: Path, dst: Path, fields: dict | None = None, drop: tuple = (), rows: dict | None = None) -> Path:
+    """A copy of GGUF `src`: metadata `fields` set ({key: (value, GGUFValueType)}), keys starting with any of
+    `drop` removed, and the tensors in `rows` cut to that many rows."""
+    import gguf
+    from gguf import GGUFValueType as VT
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    kept = {name: (f.contents(), f.types[0], f.types[-1]) for name, f in reader.fields.items()
+            if not name.startswith(("GGUF.", "general.architecture", *drop))}
+    kept |= {name: (value, vtype, None) for name, (value, vtype) in (fields or {}).items()}
+    for name, (value, vtype, sub) in kept.items():
+        writer.add_key_value(name, value, vtype, sub_type=sub if vtype == VT.ARRAY else None)
+    for t in reader.tensors:
+        data = np.array(t.data)[: (rows or {}).get(t.name)]
+        raw = t.tensor_type if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else None
+        writer.add_tensor(t.name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@pytest.mark.parametrize("model_type, change, message", [
+    ("llama", dict(fields={"llama.attention.head_count_kv": (0, "UINT32")}), "head_count_kv must be a positive integer"),
+    ("qwen2", dict(fields={"qwen2.attention.head_count": (0, "UINT32")}), "head_count must be a positive integer"),
+    ("gemma3_text", dict(fields={"gemma3.block_count": ("6", "STRING")}), "block_count must be a positive integer"),
+    ("gemma3_text", dict(fields={"gemma3.attention.sliding_window_pattern": (0, "UINT32")}), "sliding_window_pattern"),
+    ("gemma3_text", dict(drop=("gemma3.attention.sliding_window",)), "sliding_window must be a positive integer"),
+    ("gemma3_text", dict(drop=("tokenizer.",)), "no embedded tokenizer"),
+    ("qwen2", dict(fields={"qwen2.block_count": (1, "UINT32")}), r"tensors of layer\(s\) \[1\] but qwen2.block_count is 1"),
+    ("qwen2", dict(rows={"token_embd.weight": 200}), "vocabulary has 266 tokens but token_embd.weight only 200 rows"),
+    ("llama", dict(fields={"llama.vocab_size": (300, "UINT32")}), "llama.vocab_size is 300 but token_embd.weight has 272"),
+    ("qwen2", dict(fields={"tokenizer.ggml.merges": (["Ġ t", "Ġ zz"], "ARRAY")}), "Token `zz` out of vocabulary"),
+])
+def test_inconsistent_metadata_is_a_value_error_naming_it(synthetic, tmp_path, model_type, change, message):
+    """Each converted silently into another model, or failed with a ZeroDivisionError/TypeError/bare Exception."""
+    from gguf import GGUFValueType as VT
+
+    fields = {key: (value, VT[vtype]) for key, (value, vtype) in change.get("fields", {}).items()}
+    if "tokenizer.ggml.merges" in fields:  # an array of strings: the writer infers its element type
+        fields["tokenizer.ggml.merges"] = (fields["tokenizer.ggml.merges"][0], VT.ARRAY)
+    bad = _rewritten(synthetic[model_type]["gguf"], tmp_path / "bad.gguf", fields, change.get("drop", ()),
+                     change.get("rows"))
+    with pytest.raises(ValueError, match=rf"bad.gguf: .*{message}"):
+        convert_gguf(bad, cache_dir=tmp_path / "cache")
+
+
+def test_metadata_text_that_is_not_utf8_names_the_key(synthetic, tmp_path):
+    data = bytearray(synthetic["qwen2"]["gguf"].read_bytes())
+    at = data.index(b"<|im_start|>")
+    data[at:at + 2] = b"\xff\xfe"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"bad.gguf: metadata field 'tokenizer.ggml.tokens' is not valid UTF-8"):
+        convert_gguf(bad, cache_dir=tmp_path / "cache")
+
+
+def test_a_big_endian_file_is_refused_not_read_byte_swapped(synthetic, tmp_path):
+    import gguf
+
+    case = synthetic["qwen2"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, case["config"].num_hidden_layers)
+    writer = gguf.GGUFWriter(str(tmp_path / "be.gguf"), "qwen2", endianess=gguf.GGUFEndian.BIG)
+    synth._write_hparams(writer, case["config"])
+    synth.Vocab("gpt2").write(writer)
+    for hf_name, w in case["weights"].items():
+        stem, suffix = hf_name.rsplit(".", 1)
+        writer.add_tensor(f"{names.get_name(stem)}.{suffix}", w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"be.gguf: .*big-endian.*gguf-convert-endian"):
+        convert_gguf(tmp_path / "be.gguf", cache_dir=tmp_path / "cache")
+
+
+def test_llama3_vocabulary_without_an_add_bos_flag_adds_bos_as_llama_cpp_does(tmp_path):
+    """llama.cpp adds BOS for the llama-bpe (and tekken, falcon3 ...) pre-tokenizers unless the file says not to;
+    early Llama 3 GGUFs carry no tokenizer.ggml.add_bos_token."""
+    class Llama3Vocab(synth.Vocab):
+        def __init__(self):
+            super().__init__("gpt2")
+            self.tokens = self.tokens[:-3] + ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+            self.bos, self.eos = len(self.tokens) - 3, len(self.tokens) - 2
+
+        def write(self, writer):
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre("llama-bpe")
+            writer.add_token_list(self.tokens)
+            writer.add_token_types(self.types)
+            writer.add_token_merges(self.merges)
+            writer.add_bos_token_id(self.bos)
+            writer.add_eos_token_id(self.eos)
+
+    vocab = Llama3Vocab()
+    config = synth.tiny_config("llama", len(vocab))
+    path = synth.write_gguf(tmp_path / "model.gguf", config, synth.random_state_dict(config), vocab)
+    tok = load_tokenizer(convert_gguf(path, cache_dir=tmp_path / "cache"))
+    assert tok.encode("the theater")[0] == vocab.bos
+    assert tok.encode("the theater", add_special_tokens=False)[0] != vocab.bos
