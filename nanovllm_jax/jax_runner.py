@@ -31,7 +31,7 @@ from nanovllm_jax.hugepages import advise_huge_pages
 from nanovllm_jax.layers.attention_kernel import query_tile
 from nanovllm_jax.layers.sampler import SAMPLER_KINDS, SampleOutput, sample
 from nanovllm_jax.loader import DTYPES, load_model
-from nanovllm_jax.runner import MAX_BANNED_IDS, SamplingBatch, StepBatch, StepOutput
+from nanovllm_jax.runner import MAX_BANNED_IDS, SamplingBatch, StepBatch, StepOutput, allocating_kv_cache
 from nanovllm_jax.step_packing import SeqLayout, StepLayout
 
 log = logging.getLogger(__name__)
@@ -233,17 +233,12 @@ class JaxRunner:
         self.cache_dtype = jnp.float32 if self.platform == "cpu" else DTYPES[self.dtype]
         self.num_kvcache_blocks = config.num_kvcache_blocks or self._blocks_from_budget()
         self.num_slots = self.num_kvcache_blocks * self.block_size
-        if self.num_slots >= 2**31 - 1:  # slots are int32, and num_slots itself marks a dropped write
-            raise ValueError(f"{self.num_kvcache_blocks} KV blocks of {self.block_size} tokens exceed 2**31 - 1 slots")
         cache_shape = (mc.num_layers, mc.num_kv_heads, self.num_slots, mc.head_dim)
-        try:
+        with allocating_kv_cache(self.num_kvcache_blocks, self.block_size, self._block_bytes(),
+                                 out_of_memory=(jax.errors.JaxRuntimeError,)):
             self.k_cache = jnp.zeros(cache_shape, self.cache_dtype)
             self.v_cache = jnp.zeros(cache_shape, self.cache_dtype)
             self.token_cache = jnp.zeros((self.num_slots,), jnp.int32)
-        except jax.errors.JaxRuntimeError as e:
-            gib = self.num_kvcache_blocks * self._block_bytes() / 2**30
-            raise ValueError(f"a KV cache of {self.num_kvcache_blocks} blocks ({gib:.1f} GiB) does not fit in memory: "
-                             f"lower num_kvcache_blocks or kv_cache_memory_bytes ({e})") from None
         if self.platform == "cpu":  # decode streams all weights each step: fewer TLB misses
             advise_huge_pages((self.params, self.k_cache, self.v_cache))
 

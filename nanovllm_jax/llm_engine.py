@@ -123,12 +123,12 @@ class LLMEngine:
             if not_ints:
                 raise ValueError(f"prompt token ids must be integers, got {not_ints[:5]!r}")
             token_ids = [int(t) for t in prompt]
-            vocab = self.runner.vocab_size
-            bad = [t for t in token_ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
         else:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        vocab = self.runner.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:  # a string too: a tokenizer may hold more tokens than the model's embedding
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
         if not token_ids:
             raise ValueError("prompt is empty")
         max_len = self.config.max_model_len

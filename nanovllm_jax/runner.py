@@ -6,6 +6,8 @@ step sampled names that step's row in `prev_rows`, and the backend takes the tok
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -96,6 +98,20 @@ class ModelRunner(Protocol):
     def submit(self, batch: StepBatch) -> PendingOutput:
         """Start the step (after every step submitted before it) and return at once, or when done."""
         ...
+
+
+@contextmanager
+def allocating_kv_cache(num_blocks: int, block_size: int, block_bytes: int,
+                        out_of_memory: tuple[type[Exception], ...] = (MemoryError, ValueError)) -> Iterator[None]:
+    """Around a backend's KV cache allocation: more slots than int32 holds, or more memory than there is,
+    is a ValueError saying so (numpy raises MemoryError, or ValueError past its largest array)."""
+    if num_blocks * block_size >= 2**31 - 1:  # slots are int32, and num_slots itself marks a dropped write
+        raise ValueError(f"{num_blocks} KV blocks of {block_size} tokens exceed 2**31 - 1 slots")
+    try:
+        yield
+    except out_of_memory as e:
+        raise ValueError(f"a KV cache of {num_blocks} blocks ({num_blocks * block_bytes / 2**30:.1f} GiB) does not fit "
+                         f"in memory: lower num_kvcache_blocks or kv_cache_memory_bytes ({e})") from None
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,12 @@ def test_a_kv_budget_below_one_block_is_a_clear_error(model_dirs, xla_cache):
         LLM(str(model_dirs["llama3"]), backend="jax", compilation_cache_dir=xla_cache, kv_cache_memory_bytes=1000)
 
 
+def test_a_kv_cache_past_int32_slots_or_memory_is_a_clear_error(model_dirs, xla_cache):
+    for blocks, message in ((2**27, r"exceed 2\*\*31 - 1 slots"), (10**8, r"\(\d+\.\d GiB\) does not fit in memory")):
+        with pytest.raises(ValueError, match=message):
+            LLM(str(model_dirs["llama3"]), backend="jax", compilation_cache_dir=xla_cache, num_kvcache_blocks=blocks)
+
+
 def test_an_explicit_kv_budget_wins_on_every_platform():
     from types import SimpleNamespace
 

@@ -96,11 +96,12 @@ def test_truncated_weights_give_a_clear_error(exported, tmp_path):
 
 def test_kv_cache_sized_from_byte_budget(exported):
     meta = json.loads((exported / METADATA_FILE).read_text())
-    block_bytes = 2 * meta["num_layers"] * 16 * meta["num_kv_heads"] * meta["head_dim"] * 4  # K and V, f32
+    kv_bytes = 2 * meta["num_layers"] * 16 * meta["num_kv_heads"] * meta["head_dim"] * 4  # K and V, f32
+    block_bytes = kv_bytes + 16 * 4  # and the token ids, as the JAX backend counts a block
     llm = LLM(str(exported), backend="onnx", max_model_len=128, kv_cache_memory_bytes=10 * block_bytes + 5)
     runner = llm.engine.runner
     assert runner.num_kvcache_blocks == 10 == llm.engine.block_manager.num_blocks
-    assert runner.k_cache.nbytes + runner.v_cache.nbytes == 10 * block_bytes
+    assert runner.k_cache.nbytes + runner.v_cache.nbytes + runner.token_cache.nbytes == 10 * block_bytes
     assert [len(o.token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == [12, 12]
     with pytest.raises(ValueError, match="holds no 16-token block"):
         LLM(str(exported), backend="onnx", max_model_len=128, kv_cache_memory_bytes=block_bytes - 1)
@@ -223,3 +224,58 @@ def test_export_in_place(tmp_path):
                            for d in (model_dir, export_model(model_dir, tmp_path / "elsewhere")))
     assert [o.token_ids for o in in_place.generate(PROMPTS, GREEDY, use_tqdm=False)] == \
         [o.token_ids for o in elsewhere.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def test_a_model_dir_mixing_two_exports_or_with_bad_metadata_is_refused_at_load(exported, tmp_path):
+    """Each loaded, then failed in the first step deep in onnxruntime or numpy, or raised a KeyError."""
+    from backends.onnx.export import export_model
+
+    other = export_model(build_tiny_model("qwen3", tmp_path / "hf", vocab_size=512), tmp_path / "other")
+    mixed = shutil.copytree(exported, tmp_path / "mixed")
+    shutil.copy(other / METADATA_FILE, mixed / METADATA_FILE)
+    with pytest.raises(ValueError, match=r"model\.onnx does not match .*onnx_metadata\.json"):
+        LLM(str(mixed), backend="onnx", max_model_len=128)
+    meta = json.loads((exported / METADATA_FILE).read_text())
+    for bad, message in (([], "must hold a JSON object"), ({k: v for k, v in meta.items() if k != "vocab_size"},
+                         "lacks or has bad vocab_size"), (meta | {"max_position_embeddings": "128"}, "bad max_position")):
+        (mixed / METADATA_FILE).write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            LLM(str(mixed), backend="onnx", max_model_len=128)
+
+
+def test_a_checkpoint_disagreeing_with_its_config_is_refused_at_export(tmp_path):
+    model_dir = build_tiny_model("qwen3", tmp_path / "hf")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"vocab_size": 2 * config["vocab_size"]}))
+    with pytest.raises(ValueError, match=r"checkpoint tensor embed_tokens has shape \(1024, \d+\), expected \(2048"):
+        LLM(str(model_dir), backend="onnx", max_model_len=128)
+
+
+def test_text_whose_tokens_the_model_lacks_is_refused_before_queueing(tmp_path):
+    """The tokenizer holds 1024 tokens, the model 512: the step failed in onnxruntime's Gather."""
+    llm = LLM(str(build_tiny_model("qwen3", tmp_path / "hf", vocab_size=512)), backend="onnx", max_model_len=128)
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 512\), got \[877, 560\]"):
+        llm.generate(["Zebra xylophone"], GREEDY, use_tqdm=False)
+    assert [len(o.token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == [12, 12]
+
+
+def test_cache_and_thread_settings_past_what_can_be_are_value_errors(exported, monkeypatch):
+    with pytest.raises(ValueError, match=r"exceed 2\*\*31 - 1 slots"):
+        LLM(str(exported), backend="onnx", max_model_len=128, num_kvcache_blocks=10**9)
+    with pytest.raises(ValueError, match="does not fit in memory"):
+        LLM(str(exported), backend="onnx", max_model_len=128, num_kvcache_blocks=10**8)
+    monkeypatch.setenv("NANOVLLM_JAX_ONNX_THREADS", str(2**32))
+    with pytest.raises(ValueError, match="NANOVLLM_JAX_ONNX_THREADS must be a number of threads"):
+        LLM(str(exported), backend="onnx", max_model_len=128)
+
+
+def test_the_exporter_cli_names_an_out_dir_it_cannot_write_in_one_line(tmp_path, monkeypatch, capsys):
+    from backends.onnx.export import main
+
+    model_dir = build_tiny_model("qwen3", tmp_path / "hf")
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(sys, "argv", ["export", str(model_dir), str(tmp_path / "a_file")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: ") and "a_file" in err and len(err.splitlines()) == 1

@@ -11,7 +11,7 @@ import xxhash
 
 from backends.sampler import sample
 from nanovllm_jax.config import EngineConfig
-from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput
+from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput, allocating_kv_cache
 
 MOCK_MAX_MODEL_LEN = 2048
 MOCK_DEFAULT_MAX_BLOCKS = 1 << 20  # the default cache: every sequence at full length, up to this many blocks
@@ -30,11 +30,8 @@ class MockRunner(HostRunner):
         self.vocab_size = vocab_size
         self.num_kvcache_blocks = config.num_kvcache_blocks or min(config.max_num_seqs * config.max_blocks_per_seq,
                                                                    MOCK_DEFAULT_MAX_BLOCKS)
-        try:
+        with allocating_kv_cache(self.num_kvcache_blocks, self.block_size, 4 * self.block_size):
             self.token_cache = np.full(self.num_kvcache_blocks * self.block_size, -1, dtype=np.int32)
-        except (MemoryError, ValueError):  # numpy: past its largest array as a ValueError
-            raise ValueError(f"a cache of {self.num_kvcache_blocks} blocks of {self.block_size} tokens does not fit "
-                             "in memory: lower num_kvcache_blocks") from None
 
     def execute(self, batch: StepBatch) -> StepOutput:
         self.token_cache[batch.slot_mapping] = batch.input_ids

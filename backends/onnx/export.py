@@ -123,7 +123,7 @@ def main() -> None:
     start = time.perf_counter()
     try:
         out = export_model(args.model_dir, args.out_dir)
-    except ValueError as e:  # e.g. no such dir, an unsupported model: one line, not a traceback
+    except (ValueError, OSError) as e:  # e.g. no such dir, an unsupported model, an unwritable OUT_DIR: one line
         parser.exit(1, f"error: {e}\n")
     size = (out / DATA_FILE).stat().st_size / 2**20
     print(f"wrote {out / MODEL_FILE} (+ {DATA_FILE}, {size:.1f} MiB) in {time.perf_counter() - start:.1f}s")

@@ -84,7 +84,7 @@ class _Builder:
 def build_graph(spec: ModelSpec, weights: SafetensorsDir, writer: WeightWriter) -> onnx.ModelProto:
     b = _Builder(writer, spec)
     kvh, d = spec.num_kv_heads, spec.head_dim
-    embed = b.weight("embed_tokens", embedding(weights))
+    embed = b.weight("embed_tokens", _checked("embed_tokens", embedding(weights), (spec.vocab_size, spec.hidden_size)))
 
     x = b.op("Gather", embed, "input_ids", axis=0)  # [T, hidden]
     if spec.embed_scale != 1.0:
@@ -96,6 +96,7 @@ def build_graph(spec: ModelSpec, weights: SafetensorsDir, writer: WeightWriter) 
     new_k, new_v = [], []
     for i in range(spec.num_layers):
         lw = layer_weights(weights, i)
+        _check_layer_shapes(spec, lw, i)
         pre = f"layers.{i}."
         kind = "sliding" if spec.is_sliding(i) else "full"
         h = b.rms_norm(x, lw["attn_in_norm"], pre + "attn_in_norm")
@@ -120,11 +121,29 @@ def build_graph(spec: ModelSpec, weights: SafetensorsDir, writer: WeightWriter) 
     last = b.op("Gather", x, "logits_indices", axis=0)  # only the S rows that get sampled
     last = b.rms_norm(last, final_norm(weights), "final_norm")
     head = lm_head(weights, spec.tie_word_embeddings)
+    if head is not None:
+        _checked("lm_head", head, (spec.vocab_size, spec.hidden_size))
     head_name = embed if head is None else b.weight("lm_head", head)
     b.nodes.append(helper.make_node("Gemm", [last, head_name], ["logits"], name="lm_head", transB=1))
     b.nodes.append(helper.make_node("Concat", new_k, ["new_k"], name="concat_new_k", axis=0))
     b.nodes.append(helper.make_node("Concat", new_v, ["new_v"], name="concat_new_v", axis=0))
     return _model(b, spec)
+
+
+def _checked(name: str, array: np.ndarray, shape: tuple) -> np.ndarray:
+    """The checkpoint's tensor, if config.json gives its shape (as the JAX loader checks): else the export
+    would fail at load or at the first step, far from the cause."""
+    if array.shape != shape:
+        raise ValueError(f"checkpoint tensor {name} has shape {array.shape}, expected {shape} from config.json")
+    return array
+
+
+def _check_layer_shapes(spec: ModelSpec, lw: dict[str, np.ndarray], layer: int) -> None:
+    hidden, ffn = spec.hidden_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    for name, shape in (("qkv", (q + 2 * kv, hidden)), ("o", (hidden, q)), ("gate_up", (2 * ffn, hidden)),
+                        ("down", (hidden, ffn))):
+        _checked(f"layer {layer} {name}", lw[name], shape)
 
 
 def _rope_tables(b: _Builder, rope: dict, head_dim: int) -> tuple[str, str]:

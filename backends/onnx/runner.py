@@ -17,7 +17,7 @@ from backends.onnx.export import DATA_FILE, FORMAT_VERSION, METADATA_FILE, MODEL
 from backends.onnx.step_inputs import pack_group, row_groups, token_rows
 from backends.sampler import sample
 from nanovllm_jax.config import EngineConfig
-from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput
+from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput, allocating_kv_cache
 
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
@@ -30,6 +30,7 @@ class OnnxRunner(HostRunner):
         self.meta = _read_metadata(model_dir)
         config.finalize(self.meta["max_position_embeddings"])
         self.session = _open_session(model_dir / MODEL_FILE)
+        _check_graph_matches(self.session, self.meta, model_dir)
         self.vocab_size = int(self.meta["vocab_size"])
         self.block_size = config.kvcache_block_size
         self.group_size = self.meta["num_heads"] // self.meta["num_kv_heads"]
@@ -43,20 +44,24 @@ class OnnxRunner(HostRunner):
         m = self.meta
         # head-major and block-major, so that one block of one head is a contiguous [bs, D] run
         shape = (m["num_layers"], m["num_kv_heads"], self.num_kvcache_blocks, self.block_size, m["head_dim"])
-        self.k_cache = np.zeros(shape, dtype=np.float32)
-        self.v_cache = np.zeros(shape, dtype=np.float32)
-        self.token_cache = np.full(self.num_kvcache_blocks * self.block_size, -1, dtype=np.int32)
+        with allocating_kv_cache(self.num_kvcache_blocks, self.block_size, self._block_bytes()):
+            self.k_cache = np.zeros(shape, dtype=np.float32)
+            self.v_cache = np.zeros(shape, dtype=np.float32)
+            self.token_cache = np.full(self.num_kvcache_blocks * self.block_size, -1, dtype=np.int32)
         # wrap, not copy: the graph reads the very buffers the runner writes into
         self._cache_values = {
             "k_cache": ort.OrtValue.ortvalue_from_numpy(self.k_cache),
             "v_cache": ort.OrtValue.ortvalue_from_numpy(self.v_cache),
         }
 
+    def _block_bytes(self) -> int:
+        m = self.meta
+        return 2 * m["num_layers"] * self.block_size * m["num_kv_heads"] * m["head_dim"] * 4 + self.block_size * 4
+
     def _num_blocks(self, config: EngineConfig) -> int:
         if config.num_kvcache_blocks is not None:
             return config.num_kvcache_blocks
-        m = self.meta
-        block_bytes = 2 * m["num_layers"] * self.block_size * m["num_kv_heads"] * m["head_dim"] * 4
+        block_bytes = self._block_bytes()
         budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES
         if budget < block_bytes:
             raise ValueError(f"kv_cache_memory_bytes ({budget}) holds no {self.block_size}-token block "
@@ -103,9 +108,33 @@ def _read_metadata(model_dir: Path) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read ONNX metadata {path}: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"ONNX metadata {path} must hold a JSON object, got {type(meta).__name__}; re-export")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is format {meta.get('format_version')}, this runner reads {FORMAT_VERSION}; re-export")
+    bad = [k for k in _META_COUNTS if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), int) or meta[k] < 1]
+    if not bad and meta["num_heads"] % meta["num_kv_heads"]:
+        bad = ["num_heads", "num_kv_heads"]
+    if not isinstance(meta.get("inputs"), list):
+        bad.append("inputs")
+    if bad:
+        raise ValueError(f"ONNX metadata {path} lacks or has bad {', '.join(bad)}; re-export")
     return meta
+
+
+_META_COUNTS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
+def _check_graph_matches(session: ort.InferenceSession, meta: dict, model_dir: Path) -> None:
+    """The graph's fixed dims are the metadata's: else the first step fails deep in onnxruntime or numpy."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    logits = {o.name: o.shape for o in session.get_outputs()}.get("logits")
+    kv = inputs.get("k_cache")
+    dims = [meta[k] for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size")]
+    if (sorted(inputs) != sorted(meta["inputs"]) or kv is None or len(kv) != 5 or logits is None
+            or [kv[0], kv[1], kv[4], logits[-1]] != dims):
+        raise ValueError(f"{model_dir / MODEL_FILE} does not match {model_dir / METADATA_FILE} "
+                         "(files of different exports?): re-export the model dir")
 
 
 def _open_session(path: Path) -> ort.InferenceSession:
@@ -115,7 +144,7 @@ def _open_session(path: Path) -> ort.InferenceSession:
         raise ValueError(f"ONNX weight file {path.with_name(DATA_FILE)} is missing; re-export the model dir")
     options = ort.SessionOptions()
     threads = os.environ.get("NANOVLLM_JAX_ONNX_THREADS", "0")  # 0: all cores
-    if not (threads.isascii() and threads.isdigit()):
+    if not (threads.isascii() and threads.isdigit()) or int(threads) > 2**31 - 1:
         raise ValueError(f"NANOVLLM_JAX_ONNX_THREADS must be a number of threads (0: all cores), got {threads!r}")
     options.intra_op_num_threads = int(threads)
     # CPU only: the KV cache is a host array fed to every step, which on CUDA would copy all of it per step
