@@ -191,7 +191,7 @@ def open_gguf(path: Path):
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error, TypeError) as e:
-        raise ValueError(f"{path}: not a valid GGUF file (corrupt or truncated header?): {e}") from e
+        raise ValueError(f"{path}: not a valid GGUF file (corrupt or truncated): {e}") from e
     if reader.byte_order != "I":
         raise ValueError(f"{path}: this GGUF file's byte order ({reader.endianess.name.lower()}-endian) is not this "
                          f"machine's, which is unsupported; convert it first: gguf-convert-endian {path} native")
