@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from nanovllm_jax.config import EngineConfig, read_json_object
+from nanovllm_jax.config import EngineConfig, read_json_object, text_config_of
 from nanovllm_jax.disk_cache import cache_home
 from nanovllm_jax.sampling_params import SamplingParams
 
@@ -395,8 +395,9 @@ def _ms(p: dict, digits: int) -> str:
 def _vocab_size(model: str | None) -> int:
     if model is None:
         return 1024
-    config = read_json_object(Path(model) / "config.json")
-    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 1024)
+    path = Path(model) / "config.json"
+    config = read_json_object(path)
+    return config.get("vocab_size") or text_config_of(config, path).get("vocab_size", 1024)
 
 
 def _cpus() -> int:

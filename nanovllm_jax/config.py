@@ -111,6 +111,11 @@ def text_config_of(config: dict, path: Path) -> dict:
     return text
 
 
+def is_count(value, minimum: int = 1) -> bool:
+    """An int (not a bool) of at least `minimum`: what every size, count and id field must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _require_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_count(value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -18,6 +18,7 @@ import numpy as np
 import xxhash
 
 from nanovllm_jax import disk_cache
+from nanovllm_jax.config import is_count
 
 CONVERTER_VERSION = 5  # bump when the output of a conversion changes, so stale caches are not reused
 _ENTRY_NAME = re.compile(disk_cache.DIGEST + r"-(?:float32|bfloat16|float16)-v(\d+)")
@@ -257,7 +258,7 @@ def hf_config(metadata: dict[str, Any], tensors: dict[str, Any]) -> dict[str, An
                  "attention.head_count_kv", "attention.key_length", "rope.dimension_count"):
         value = key(name)
         values = value if isinstance(value, list) and name == "attention.head_count_kv" else [value]
-        if value is not None and not (values and all(map(_positive_int, values))):
+        if value is not None and not (values and all(map(is_count, values))):
             raise ValueError(f"GGUF metadata {arch}.{name} must be a positive integer, got {value!r}")
     hidden, heads = key("embedding_length"), key("attention.head_count")
     kv_heads = key("attention.head_count_kv", heads)
@@ -301,10 +302,6 @@ def hf_config(metadata: dict[str, Any], tensors: dict[str, Any]) -> dict[str, An
     return config
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
-
-
 def _vocab_size(metadata: dict[str, Any], tensors: dict[str, Any]) -> int:
     """The embedding rows; llama.cpp refuses a file whose vocab_size or token list disagrees with them."""
     arch = metadata["general.architecture"]
@@ -331,11 +328,11 @@ def _gemma3_fields(metadata: dict[str, Any], config: dict[str, Any], rope_scalin
     """What Gemma 3 adds; llama.cpp hard-codes some of it rather than writing it to the file."""
     key = lambda name, default=None: metadata.get(f"gemma3.{name}", default)  # noqa: E731
     layers = config["num_hidden_layers"]
-    if not _positive_int(key("attention.sliding_window")):  # llama.cpp requires it too
+    if not is_count(key("attention.sliding_window")):  # llama.cpp requires it too
         raise ValueError(f"GGUF metadata gemma3.attention.sliding_window must be a positive integer, "
                          f"got {key('attention.sliding_window')!r}")
     pattern = key("attention.sliding_window_pattern", 6)
-    if not (isinstance(pattern, list) or _positive_int(pattern)):
+    if not (isinstance(pattern, list) or is_count(pattern)):
         raise ValueError(f"GGUF metadata gemma3.attention.sliding_window_pattern must be a positive integer or "
                          f"a list of per-layer flags, got {pattern!r}")
     if isinstance(pattern, list):  # newer files: one flag per layer, true where the layer slides

@@ -5,6 +5,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from nanovllm_jax.config import is_count
+
 SAMPLING_EPS = 1e-5  # as in vLLM: a temperature below this samples greedily
 FLOAT32_MAX = 3.4028234663852886e38  # temperature and repetition_penalty reach the samplers as float32
 
@@ -101,5 +103,5 @@ def _check_float(name: str, value, low: float, high: float, allowed: str) -> Non
 
 
 def _check_int(name: str, value, low: int, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_count(value, low):
         raise ValueError(f"{name} must be {allowed}, got {_shown(value)}")

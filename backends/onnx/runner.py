@@ -6,7 +6,6 @@ K/V rows, which the runner scatters at slot_mapping; a token-id cache beside the
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import onnxruntime as ort
 from backends.onnx.export import DATA_FILE, FORMAT_VERSION, METADATA_FILE, MODEL_FILE, ensure_exported
 from backends.onnx.step_inputs import pack_group, row_groups, token_rows
 from backends.sampler import sample
-from nanovllm_jax.config import EngineConfig
+from nanovllm_jax.config import EngineConfig, is_count, read_json_object
 from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput, allocating_kv_cache
 
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20
@@ -105,14 +104,12 @@ class OnnxRunner(HostRunner):
 def _read_metadata(model_dir: Path) -> dict:
     path = model_dir / METADATA_FILE
     try:
-        meta = json.loads(path.read_text())
+        meta = read_json_object(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read ONNX metadata {path}: {e}") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"ONNX metadata {path} must hold a JSON object, got {type(meta).__name__}; re-export")
+        raise ValueError(f"cannot read ONNX metadata: {e}; re-export") from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is format {meta.get('format_version')}, this runner reads {FORMAT_VERSION}; re-export")
-    bad = [k for k in _META_COUNTS if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), int) or meta[k] < 1]
+    bad = [k for k in _META_COUNTS if not is_count(meta.get(k))]
     if not bad and meta["num_heads"] % meta["num_kv_heads"]:
         bad = ["num_heads", "num_kv_heads"]
     if not isinstance(meta.get("inputs"), list):

@@ -15,6 +15,8 @@ from typing import Callable, NamedTuple, TypeVar
 
 import jax
 
+from nanovllm_jax.config import is_count
+
 from nanovllm_jax.layers.attention import AttentionMetadata
 
 
@@ -54,7 +56,7 @@ def config_parser(parse: Callable[[dict], Config]) -> Callable[[dict], Config]:
             if isinstance(value, float) and value.is_integer():  # 2048.0, as some exporters write counts
                 value = int(value)
                 cfg = dataclasses.replace(cfg, **{name: value})
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_count(value):
                 raise ValueError(f"config.json field {hf_name} must be a positive integer, got {value!r}")
         return cfg
     return checked
