@@ -243,7 +243,8 @@ def test_a_model_dir_mixing_two_exports_or_with_bad_metadata_is_refused_at_load(
             LLM(str(mixed), backend="onnx", max_model_len=128)
 
 
-def test_a_checkpoint_disagreeing_with_its_config_is_refused_at_export(tmp_path):
+def test_a_checkpoint_disagreeing_with_its_config_is_refused_at_export(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOVLLM_JAX_ONNX_CACHE", str(tmp_path / "cache"))  # an older exporter's entry would load
     model_dir = build_tiny_model("qwen3", tmp_path / "hf")
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps(config | {"vocab_size": 2 * config["vocab_size"]}))
