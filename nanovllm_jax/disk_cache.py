@@ -2,6 +2,7 @@
 shared by processes (and users) on one disk, removed once long unused."""
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -19,6 +20,19 @@ def cache_home() -> Path:
     (an absolute path; the XDG spec has a relative one ignored)."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "nanovllm_jax"
+
+
+def writable_dir(path: Path, setting: str) -> Path:
+    """`path`, created if need be; an OSError naming it and the `setting` that moves it when it cannot be
+    (a read-only home, a file in its place)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the cache dir {path} ({e.strerror or e}); "
+                               f"set {setting} to a writable directory") from e
+    return path
 
 
 def scratch_path(directory: Path, name: str) -> Path:
@@ -49,9 +63,13 @@ def lookup(target: Path, is_complete: Callable[[Path], bool]) -> bool:
 
 def publish(scratch: Path, target: Path, is_complete: Callable[[Path], bool]) -> bool:
     """Rename the finished `scratch` dir to `target` (atomic: a dir under its final name is always
-    complete); False when a concurrent writer got there first. The caller removes the scratch."""
+    complete); False when a concurrent writer got there first. The caller removes the scratch.
+    Its files reach the disk before the rename does: after a power cut a complete-looking entry could
+    otherwise hold empty files."""
+    _sync_tree(scratch)
     try:
         os.rename(scratch, target)
+        _fsync(target.parent)
         return True
     except OSError:
         if not lookup(target, is_complete):
@@ -86,6 +104,20 @@ def remove_unused(root: Path, is_removable: Callable[[Path], bool], ttl_s: float
         except OSError:  # a new entry took its place meanwhile
             pass
         _remove(doomed)
+
+
+def _sync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        _fsync(path)
+    _fsync(directory)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

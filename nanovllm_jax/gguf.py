@@ -6,6 +6,7 @@ loads like any HF checkpoint. Only PyPI `gguf` (numpy) is used: no torch, no lla
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -21,7 +22,8 @@ from nanovllm_jax import disk_cache
 from nanovllm_jax.config import is_count
 
 CONVERTER_VERSION = 5  # bump when the output of a conversion changes, so stale caches are not reused
-_ENTRY_NAME = re.compile(disk_cache.DIGEST + r"-(?:float32|bfloat16|float16)-v(\d+)")
+_ENTRY_NAME = re.compile(disk_cache.DIGEST + r"-(?:float32|bfloat16|float16)-v\d+(?:-[0-9a-f]{8})?")
+CACHE_SETTING = "XDG_CACHE_HOME (or pass cache_dir)"
 
 # GGUF general.architecture -> (HF architectures entry, HF model_type)
 ARCHITECTURES = {
@@ -72,11 +74,12 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | No
     if not gguf_path.is_file():
         raise ValueError(f"GGUF file not found: {gguf_path}")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_root / f"{memoized_file_hash(gguf_path, cache_root / 'hashes')}-{dtype}-v{CONVERTER_VERSION}"
+    digest = memoized_file_hash(gguf_path, cache_root / "hashes")
+    target = cache_root / f"{digest}-{dtype}-v{CONVERTER_VERSION}-{toolchain_tag()}"
     if disk_cache.lookup(target, _is_converted):
         return target
-    cache_root.mkdir(parents=True, exist_ok=True)
-    disk_cache.remove_unused(cache_root, _older_converters_entry)
+    disk_cache.writable_dir(cache_root, CACHE_SETTING)
+    disk_cache.remove_unused(cache_root, _is_entry)
     tmp = disk_cache.scratch_path(cache_root, target.name)
     tmp.mkdir()  # with the umask's mode, so other users can read a shared cache
     try:
@@ -91,9 +94,17 @@ def _is_converted(entry: Path) -> bool:
     return all((entry / name).is_file() for name in ("config.json", "model.safetensors"))
 
 
-def _older_converters_entry(entry: Path) -> bool:
-    match = _ENTRY_NAME.fullmatch(entry.name)
-    return bool(match) and int(match[1]) < CONVERTER_VERSION
+def _is_entry(entry: Path) -> bool:
+    return _ENTRY_NAME.fullmatch(entry.name) is not None
+
+
+@functools.cache
+def toolchain_tag() -> str:
+    """The versions of the libraries whose output a conversion holds (transformers' tokenizer converter,
+    gguf-py's dequantizers), hashed: another version converts anew rather than reuse the old one's files."""
+    from importlib.metadata import version
+
+    return xxhash.xxh3_64_hexdigest(f"transformers {version('transformers')} gguf {version('gguf')}".encode())[:8]
 
 
 def default_cache_dir() -> Path:
@@ -196,12 +207,6 @@ def open_gguf(path: Path):
     if reader.byte_order != "I":
         raise ValueError(f"{path}: this GGUF file's byte order ({reader.endianess.name.lower()}-endian) is not this "
                          f"machine's, which is unsupported; convert it first: gguf-convert-endian {path} native")
-    size = path.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ValueError(f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte {end} "
-                             f"but the file has {size} bytes")
     return reader
 
 

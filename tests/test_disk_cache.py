@@ -31,6 +31,27 @@ def test_publish_renames_into_place_and_a_concurrent_winner_is_kept(tmp_path):
         disk_cache.lookup(target, complete)
 
 
+def test_publish_syncs_the_files_and_the_rename_to_disk(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    scratch = written(tmp_path, "entry")
+    (scratch / "sub").mkdir()
+    (scratch / "sub" / "weights").write_bytes(b"w")
+    assert disk_cache.publish(scratch, tmp_path / "entry", complete)
+    # every file and dir while still under the scratch name, then the parent holding the rename
+    assert sorted(synced[:-1]) == sorted(str(p) for p in (scratch, scratch / "done", scratch / "sub", scratch / "sub/weights"))
+    assert synced[-1] == str(tmp_path)
+
+
+def test_an_unwritable_cache_dir_is_an_os_error_naming_it_and_the_setting(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a dir")
+    with pytest.raises(OSError, match=f"cannot write the cache dir {blocked}/gguf .*; set XDG_CACHE_HOME to"):
+        disk_cache.writable_dir(blocked / "gguf", "XDG_CACHE_HOME")
+    assert disk_cache.writable_dir(tmp_path / "a" / "b", "X") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+
+
 def test_remove_unused_keeps_what_was_used_recently_or_is_not_picked(tmp_path):
     old, recent, other, memo = tmp_path / "old", tmp_path / "recent", tmp_path / "other", tmp_path / "memo"
     for entry in (old, recent, other):

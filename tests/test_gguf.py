@@ -301,6 +301,31 @@ def test_an_older_converters_entries_are_removed_once_unused_for_a_month(synthet
     assert time.time() - current.stat().st_mtime < 60  # a hit marks its entry in use
 
 
+def test_another_transformers_or_gguf_version_converts_anew(synthetic, tmp_path, monkeypatch):
+    """The tokenizer comes from transformers' converter and the weights from gguf-py's dequantizers:
+    an upgrade of either must not reuse what the old one wrote."""
+    import importlib.metadata
+
+    from nanovllm_jax import gguf
+
+    first = convert_gguf(synthetic["llama"]["gguf"], cache_dir=tmp_path)
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "99.0" if name == "transformers" else real_version(name))
+    gguf.toolchain_tag.cache_clear()
+    try:
+        upgraded = convert_gguf(synthetic["llama"]["gguf"], cache_dir=tmp_path)
+    finally:
+        gguf.toolchain_tag.cache_clear()
+    assert upgraded != first and first.exists() and upgraded.name.startswith(first.name.rsplit("-", 1)[0])
+
+
+def test_an_unwritable_cache_dir_names_the_setting(synthetic, tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache dir should be")
+    with pytest.raises(OSError, match=r"cannot write the cache dir .*cache.*; set XDG_CACHE_HOME \(or pass cache_dir\)"):
+        convert_gguf(synthetic["llama"]["gguf"], cache_dir=tmp_path / "cache")
+
+
 def test_a_killed_conversions_scratch_is_removed_and_the_cache_is_readable_by_others(synthetic, tmp_path):
     killed, running = tmp_path / ".scratch-1-0000-killed", tmp_path / ".scratch-2-0000-still-writing"
     for scratch in (killed, running):

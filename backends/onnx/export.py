@@ -101,7 +101,7 @@ def ensure_exported(model_dir: str | os.PathLike) -> Path:
     target = root / checkpoint_hash(model_dir)
     if disk_cache.lookup(target, _is_complete):
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    disk_cache.writable_dir(root, "NANOVLLM_JAX_ONNX_CACHE")
     disk_cache.remove_unused(root, _is_cache_entry)
     # export aside, then rename: a crash or a concurrent export never leaves half a dir
     tmp = disk_cache.scratch_path(root, target.name)
