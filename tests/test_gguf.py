@@ -569,3 +569,22 @@ def test_llama3_vocabulary_without_an_add_bos_flag_adds_bos_as_llama_cpp_does(tm
     tok = load_tokenizer(convert_gguf(path, cache_dir=tmp_path / "cache"))
     assert tok.encode("the theater")[0] == vocab.bos
     assert tok.encode("the theater", add_special_tokens=False)[0] != vocab.bos
+
+
+@pytest.mark.parametrize("space_prefix", [True, False])
+def test_a_sentencepiece_vocabulary_adds_a_space_prefix_only_where_the_file_asks_as_llama_cpp_does(tmp_path,
+                                                                                                  space_prefix):
+    """transformers' GGUF tokenizer prepends "▁" whatever tokenizer.ggml.add_space_prefix says; llama.cpp
+    (and the tokenizer the file was converted from) adds none when it is false, and strips none in decoding."""
+    class SpacePrefixVocab(synth.Vocab):
+        def write(self, writer):
+            super().write(writer)
+            writer.add_add_space_prefix(space_prefix)
+
+    vocab = SpacePrefixVocab("llama")
+    config = synth.tiny_config("llama", len(vocab))
+    path = synth.write_gguf(tmp_path / "model.gguf", config, synth.random_state_dict(config), vocab)
+    tok = load_tokenizer(convert_gguf(path, cache_dir=tmp_path / "cache"))
+    ids = {t: i for i, t in enumerate(vocab.tokens)}
+    assert tok.encode("the", add_special_tokens=False)[0] == (ids["▁"] if space_prefix else ids["<0x74>"])  # "t"
+    assert tok.decode([ids["▁is"]]) == ("is" if space_prefix else " is")
