@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from nanovllm_jax import disk_cache
+
 
 # Shapes of public checkpoints; vocab and context as published.
 RANDOM_CONFIGS: dict[str, dict] = {
@@ -65,7 +67,7 @@ def build_random_model(name: str, out_dir: Path, seed: int = 0, std: float = 0.0
     if name not in RANDOM_CONFIGS:
         raise ValueError(f"unknown random-weights config {name!r}; choose one of {', '.join(RANDOM_CONFIGS)}")
     out_dir = Path(out_dir)
-    if (out_dir / "model.safetensors").exists():
+    if disk_cache.lookup(out_dir, _is_built):
         return out_dir
     from backends.mock import SIMPLE_BPE_PATH
 
@@ -77,11 +79,17 @@ def build_random_model(name: str, out_dir: Path, seed: int = 0, std: float = 0.0
             tensors[tensor_name] = np.ones(shape, np.float32)
         else:
             tensors[tensor_name] = (rng.standard_normal(shape, dtype=np.float32) * std)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config | {"torch_dtype": "float32", "eos_token_id": 0}, indent=1))
-    shutil.copy(SIMPLE_BPE_PATH, tmp / "tokenizer.json")
-    tmp.rename(out_dir)
+    tmp = disk_cache.scratch_path(disk_cache.writable_dir(out_dir.parent, "XDG_CACHE_HOME"), out_dir.name)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config | {"torch_dtype": "float32", "eos_token_id": 0}, indent=1))
+        shutil.copy(SIMPLE_BPE_PATH, tmp / "tokenizer.json")
+        disk_cache.publish(tmp, out_dir, _is_built)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _is_built(model_dir: Path) -> bool:
+    return all((model_dir / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))

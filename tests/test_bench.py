@@ -85,6 +85,25 @@ def test_random_model_tensors_match_transformers(name):
     assert tensor_shapes(RANDOM_CONFIGS[name]) == expected
 
 
+def test_a_random_model_is_built_once_aside_and_a_damaged_one_is_named(tmp_path, monkeypatch):
+    from nanovllm_jax import random_models
+
+    monkeypatch.setitem(random_models.RANDOM_CONFIGS, "tiny-qwen3", dict(
+        RANDOM_CONFIGS["qwen3-0.6b"], hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=1024))
+    out = random_models.build_random_model("tiny-qwen3", tmp_path / "random" / "tiny-qwen3")
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+    assert random_models.build_random_model("tiny-qwen3", out) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
+    assert [p.name for p in out.parent.iterdir()] == ["tiny-qwen3"]  # no scratch left
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(OSError, match="is incomplete"):
+        random_models.build_random_model("tiny-qwen3", out)
+    (tmp_path / "blocked").write_text("a file where the cache dir should be")
+    with pytest.raises(OSError, match="cannot write the cache dir .*blocked"):
+        random_models.build_random_model("tiny-qwen3", tmp_path / "blocked" / "tiny-qwen3")
+
+
 def test_bench_random_weights_against_transformers(tmp_path, monkeypatch):
     """--random-weights builds an architecture-shaped model once; --compare hf runs transformers on the
     same prompts, credited each request's own output length; the JSON holds speedup_vs_hf."""
