@@ -330,12 +330,12 @@ def _writable_file_path(path: Path) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     counter = CompileCounter()
-    try:  # a model that does not exist or a workload too long for it: no traceback
+    try:  # a model that does not exist, a workload too long for it, a cache it cannot write: no traceback
         model = resolve_model(args)
         workload = make_workload(args, _vocab_size(model))
         print(f"workload: {args.num_seqs} seqs, {workload.input_tokens} input + {workload.output_tokens} output tokens")
         runners = [start_engine(backend, model, workload, args, counter) for backend in args.backend]
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"python -m nanovllm_jax.bench: error: {e}")
     if args.compare == "hf":
         runners.append(start_hf(model, workload, args))

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args, params = parse_args(argv)
     try:
         generate(args, params)
-    except ValueError as e:  # a model path, chat template or prompt the engine refused: say so, no traceback
+    except (ValueError, OSError) as e:  # a model, chat template or prompt refused, a cache it cannot write: no traceback
         sys.exit(f"{PROG}: error: {e}")
 
 

@@ -71,6 +71,7 @@ def build_random_model(name: str, out_dir: Path, seed: int = 0, std: float = 0.0
         return out_dir
     from backends.mock import SIMPLE_BPE_PATH
 
+    disk_cache.writable_dir(out_dir.parent, "XDG_CACHE_HOME")  # before the work, not after it
     config = RANDOM_CONFIGS[name]
     rng = np.random.default_rng(seed)
     tensors = {}
@@ -79,7 +80,7 @@ def build_random_model(name: str, out_dir: Path, seed: int = 0, std: float = 0.0
             tensors[tensor_name] = np.ones(shape, np.float32)
         else:
             tensors[tensor_name] = (rng.standard_normal(shape, dtype=np.float32) * std)
-    tmp = disk_cache.scratch_path(disk_cache.writable_dir(out_dir.parent, "XDG_CACHE_HOME"), out_dir.name)
+    tmp = disk_cache.scratch_path(out_dir.parent, out_dir.name)
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / "model.safetensors"))

@@ -73,6 +73,13 @@ def test_bench_names_a_missing_model_or_a_too_long_workload_without_a_traceback(
         bench.main(argv)
 
 
+def test_bench_names_a_cache_it_cannot_write_without_a_traceback(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache dir should be")
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    with pytest.raises(SystemExit, match="error: .*cannot write the cache dir .*XDG_CACHE_HOME"):
+        bench.main(["--random-weights", "qwen3-0.6b", "--backend", "onnx"])
+
+
 @pytest.mark.parametrize("name", sorted(RANDOM_CONFIGS))
 def test_random_model_tensors_match_transformers(name):
     import torch

@@ -745,6 +745,16 @@ def test_generate_cli_turns_bad_input_into_a_usage_error(argv, message, capsys):
     assert message in str(exit_.value.code) + capsys.readouterr().err
 
 
+def test_generate_cli_names_a_cache_it_cannot_write(tmp_path, monkeypatch):
+    from nanovllm_jax import generate
+
+    (tmp_path / "model.gguf").write_bytes(b"")
+    (tmp_path / "blocked").write_text("a file where the cache dir should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
+    with pytest.raises(SystemExit, match="error: .*cannot write the cache dir .*set XDG_CACHE_HOME"):
+        generate.main(["--model", str(tmp_path / "model.gguf"), "hi"])
+
+
 def test_generate_cli_prints_each_prompt_and_its_text(capsys, llm):
     from nanovllm_jax import generate
 
