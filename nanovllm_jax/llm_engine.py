@@ -263,7 +263,8 @@ class LLMEngine:
         try:
             if previous:
                 self._read_back(previous, deltas)
-        except Exception:  # the engine goes on: what was read comes with the next step; the rest lost a token
+        except BaseException:  # KeyboardInterrupt too (Ctrl-C lands in the wait for the device): the engine
+            # goes on; what was read comes with the next step, the rest lost a token
             self._carried = deltas
             self._abort_rows(previous)
             raise

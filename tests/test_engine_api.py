@@ -957,3 +957,38 @@ def test_eos_ids_outside_the_vocabulary_are_ignored(tmp_path):
     params = SamplingParams(max_tokens=5, min_tokens=3, **GREEDY)
     outs = llm.generate([[20, 21, 22], [7, 8]], params, use_tqdm=False)
     assert [o.token_ids for o in outs] == [mock_generate(p, params, 1024, set()) for p in ([20, 21, 22], [7, 8])]
+
+
+def test_a_keyboard_interrupt_while_reading_a_step_back_leaves_the_engine_consistent(monkeypatch):
+    """Ctrl-C lands where the host waits for the device: in a step's read-back. The rows of that step
+    are aborted as for any failed read-back (before, only Exception was caught: another open stream's
+    request kept a placeholder token that was never filled, and the stream waited forever)."""
+    llm = LLM(backend="mock", max_model_len=256)
+    runner, engine = llm.engine.runner, llm.engine
+    submit, submitted, fail_at = runner.submit, [], set()
+
+    class Interrupted:
+        def result(self):
+            raise KeyboardInterrupt
+
+    def interrupting(batch):
+        submitted.append(batch)
+        done = submit(batch)
+        return Interrupted() if len(submitted) in fail_at else done
+
+    monkeypatch.setattr(runner, "submit", interrupting)
+    limit_steps(monkeypatch, engine)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    expected = mock_generate([20, 21, 22], params, runner.vocab_size, set())
+    stream = llm.stream([[20, 21, 22]], params)
+    got = list(next(stream).token_ids)
+    fail_at.add(len(submitted) + 2)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[5, 6, 7]], params, use_tqdm=False)
+    rest = list(stream)
+    got += [t for delta in rest for t in delta.token_ids]
+    assert rest[-1].finish_reason == "abort" and got == expected[: len(got)]
+    assert llm.generate([[20, 21, 22]], params, use_tqdm=False)[0].token_ids == expected
+    bm = engine.block_manager
+    assert not engine.has_unfinished() and not engine.requests and bm.num_free_blocks == bm.num_blocks
+
