@@ -273,7 +273,11 @@ class LLMEngine:
         if self._in_flight and not self.scheduler.has_unfinished():
             # every request it computes for has stopped: wait for it, so no step outlives the work
             self._in_flight, idle = None, self._in_flight
-            idle.pending.result()
+            try:
+                idle.pending.result()
+            except BaseException:  # its requests have all stopped; what was read above comes with the next step
+                self._carried = deltas
+                raise
         decode_tokens = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed_tokens > seq.num_prompt_tokens)
         self.last_step = {
             "prefill_tokens": sum(n for _, n in scheduled) - decode_tokens,

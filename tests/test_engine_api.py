@@ -992,3 +992,42 @@ def test_a_keyboard_interrupt_while_reading_a_step_back_leaves_the_engine_consis
     bm = engine.block_manager
     assert not engine.has_unfinished() and not engine.requests and bm.num_free_blocks == bm.num_blocks
 
+
+def test_a_failure_of_the_step_left_in_flight_after_every_request_stopped_loses_no_news(monkeypatch):
+    """The last step read back stops every request while one more step is in flight; that step is
+    waited for, and fails: the deltas read before (the requests' final tokens and finish) come with
+    the next step, as after a failed read-back (before, they were dropped: the engine reported nothing
+    unfinished, and an open stream waiting on its finish stepped forever)."""
+    llm = LLM(backend="mock", max_model_len=256)
+    engine, runner = llm.engine, llm.engine.runner
+    fail_at = set()
+    submitted = fail_submits(monkeypatch, runner, fail_at)
+    limit_steps(monkeypatch, engine)
+    prompt = [5, 6, 7]
+    free = mock_generate(prompt, SamplingParams(max_tokens=8, **GREEDY), runner.vocab_size, set())
+    params = SamplingParams(max_tokens=8, stop_token_ids=[free[1]], **GREEDY)
+    rid = engine.add_request(prompt, params)
+    fail_at.add(len(submitted) + 3)  # the step in flight when token 2 (the stop token) is read back
+    reported, failures = [], 0
+    while engine.has_unfinished():
+        try:
+            reported += engine.step()
+        except RuntimeError:
+            failures += 1
+    assert failures == 1
+    assert [t for d in reported for t in d.token_ids] == free[:2]
+    assert reported[-1].finished and reported[-1].finish_reason == "stop"
+    assert engine.release(rid).token_ids == free[:2]
+    assert engine._in_flight is None and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+    # two streams: B's call steps the engine when A's request and B's stop together, and the step in flight fails
+    free_b = mock_generate([8, 9], SamplingParams(max_tokens=8, **GREEDY), runner.vocab_size, set())
+    a = llm.stream([prompt], SamplingParams(max_tokens=8, stop_token_ids=[free[3]], **GREEDY))
+    got_a = list(next(a).token_ids)
+    b = llm.stream([[8, 9]], SamplingParams(max_tokens=8, stop_token_ids=[free_b[1]], **GREEDY))
+    fail_at.add(len(submitted) + 3)
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(b)
+    rest = list(a)
+    assert got_a + [t for d in rest for t in d.token_ids] == free[:4] and rest[-1].finish_reason == "stop"
+    assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
