@@ -235,7 +235,7 @@ class LLMEngine:
             token_ids=seq.output_token_ids,
             text=request.text,
             finish_reason=seq.finish_reason,
-            logprobs=request.logprobs,
+            logprobs=None if request.logprobs is None else list(request.logprobs),  # a snapshot, as token_ids
             num_cached_tokens=seq.num_cached_tokens,
         )
 

@@ -1031,3 +1031,18 @@ def test_a_failure_of_the_step_left_in_flight_after_every_request_stopped_loses_
     rest = list(a)
     assert got_a + [t for d in rest for t in d.token_ids] == free[:4] and rest[-1].finish_reason == "stop"
     assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_get_output_of_a_running_request_is_a_snapshot(llm):
+    """Its logprobs match its token_ids and stay so: the list once was the engine's own, which grew on."""
+    engine = llm.engine
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=6, logprobs=1, **GREEDY))
+    for _ in range(3):
+        engine.step()
+    snapshot = engine.get_output(rid)
+    assert len(snapshot.token_ids) == len(snapshot.logprobs) < 6
+    while engine.has_unfinished():
+        engine.step()
+    final = engine.release(rid)
+    assert len(snapshot.logprobs) == len(snapshot.token_ids) and len(final.logprobs) == len(final.token_ids) == 6
+    assert final.logprobs[: len(snapshot.logprobs)] == snapshot.logprobs
