@@ -272,6 +272,9 @@ def test_bad_engine_arguments():
         with pytest.raises(ValueError, match=r"exceed 2\*\*31 - 1 slots"):
             LLM(backend="mock", num_kvcache_blocks=blocks)
     assert LLM(backend="mock", max_num_seqs=10**6).engine.runner.num_kvcache_blocks == 1 << 20  # not 128M blocks
+    with pytest.raises(ValueError, match=r"max_model_len=1099511627776 exceeds the model's limit of 1048576"):
+        LLM(backend="mock", max_model_len=2**40)  # was taken, then each step's block tables took 256 GiB
+    assert LLM(backend="mock").config.max_model_len == 2048
 
 
 def test_a_token_budget_past_what_any_step_holds_is_cut_to_it():

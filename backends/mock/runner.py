@@ -13,7 +13,8 @@ from backends.sampler import sample
 from nanovllm_jax.config import EngineConfig
 from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput, allocating_kv_cache
 
-MOCK_MAX_MODEL_LEN = 2048
+MOCK_MAX_MODEL_LEN = 2048  # its default
+MOCK_MODEL_LEN_LIMIT = 1 << 20  # the most it takes: each step's block tables are max_model_len / block_size wide
 MOCK_DEFAULT_MAX_BLOCKS = 1 << 20  # the default cache: every sequence at full length, up to this many blocks
 LOGIT_SCALE = 4.0
 
@@ -25,7 +26,9 @@ def mock_logits(context: np.ndarray, vocab_size: int) -> np.ndarray:
 
 class MockRunner(HostRunner):
     def __init__(self, config: EngineConfig, vocab_size: int):
-        config.finalize(model_max_len=config.max_model_len or MOCK_MAX_MODEL_LEN)
+        if config.max_model_len is None:
+            config.max_model_len = MOCK_MAX_MODEL_LEN
+        config.finalize(model_max_len=MOCK_MODEL_LEN_LIMIT)
         self.block_size = config.kvcache_block_size
         self.vocab_size = vocab_size
         self.num_kvcache_blocks = config.num_kvcache_blocks or min(config.max_num_seqs * config.max_blocks_per_seq,
