@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanovllm_jax.layers.activation import gelu_and_mul
 from nanovllm_jax.layers.attention import paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
@@ -209,7 +210,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         x = x + _norm(o, w["attn_post_norm"], eps)
         h = _norm(x, w["mlp_norm"], eps)
         gate, up = jnp.split(linear(h, w["w_gate_up"]), 2, axis=-1)
-        h = linear(jax.nn.gelu(gate, approximate=cfg.gelu_tanh) * up, w["w_down"])
+        h = linear(gelu_and_mul(gate, up, cfg.gelu_tanh), w["w_down"])
         x = x + _norm(h, w["mlp_post_norm"], eps)
         return (x, k_cache, v_cache, layer + 1), None
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanovllm_jax.layers.activation import silu_and_mul
 from nanovllm_jax.layers.attention import paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
@@ -224,7 +225,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
         x = x + o
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
         gate, up = jnp.split(linear(h, w["w_gate_up"]), 2, axis=-1)
-        x = x + linear(jax.nn.silu(gate) * up, w["w_down"])
+        x = x + linear(silu_and_mul(gate, up), w["w_down"])
         return (x, k_cache, v_cache, layer + 1), None
 
     # The layer index rides in the carry: scanned as data, each layer would slice it out of an array
