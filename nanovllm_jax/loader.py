@@ -96,6 +96,10 @@ def load_model(model_dir: str | Path, dtype: str = "float32", stacked: bool = Tr
     cfg = module.parse_config(hf)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    unstable = getattr(module, "FLOAT16_UNSUPPORTED", None)
+    if dtype == "float16" and unstable:
+        raise ValueError(f"{model_dir}: this architecture does not run in float16 ({unstable}); "
+                         "use dtype='bfloat16' or 'float32'")
     target = np.dtype(DTYPES[dtype])
     tensors = SafetensorsDir(model_dir)
 

@@ -190,6 +190,21 @@ def test_config_forms_agree():
         gemma3.parse_config(dict(TINY, hidden_activation="silu"))
 
 
+def test_float16_is_refused(tiny):
+    """As in vLLM, Gemma 3 does not run in float16: its residual stream outgrows the range (the packaged
+    270M passes 1e5 by layer 8), and every logit came out NaN, so greedy decoding emitted token 0
+    (the pad) with NaN logprobs, as transformers' float16 gives NaN too. bfloat16 loads."""
+    from nanovllm_jax.loader import load_model
+
+    model_dir, _ = tiny
+    with pytest.raises(ValueError, match="float16.*bfloat16"):
+        load_model(model_dir, "float16")
+    with pytest.raises(ValueError, match="float16"):
+        LLM(str(model_dir), backend="jax", dtype="float16")
+    _, _, params = load_model(model_dir, "bfloat16")
+    assert params["embed"].dtype == "bfloat16"
+
+
 def test_conditional_generation_text_decoder_matches_transformers(tmp_path):
     """Gemma3ForConditionalGeneration checkpoints load their text decoder (text-only prompts)."""
     text = {k: v for k, v in TINY.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}

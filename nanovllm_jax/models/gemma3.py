@@ -27,6 +27,10 @@ from nanovllm_jax.models.llama import GetTensor, check_head_groups, layer_stacke
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 
+# As vLLM does, float16 is refused: Gemma 3's residual stream outgrows its range (65504). The 270M's
+# passes 1e5 by layer 8 (bf16 and f32 hold it), so every logit is NaN, in transformers' float16 too.
+FLOAT16_UNSUPPORTED = "Gemma 3's activations outgrow float16's range: the 270M's logits come out all NaN"
+
 NO_WINDOW = 1 << 30  # the window of full-attention layers: longer than any context
 _GELU = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": True, "gelu": False}  # -> tanh approximation?
 
