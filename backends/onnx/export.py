@@ -28,7 +28,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 METADATA_FILE = "onnx_metadata.json"
 FORMAT_VERSION = 2  # bump when the graph's inputs or outputs change: the runner refuses older exports
-EXPORTER_VERSION = 1  # bump when what an export holds changes (graph, weights, config reading, RoPE tables)
+EXPORTER_VERSION = 2  # bump when what an export holds changes (graph, weights, config reading, RoPE tables)
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 

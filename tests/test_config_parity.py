@@ -1,0 +1,88 @@
+"""config.json forms and checkpoint contents that change what transformers computes: both backends match it.
+
+Each case writes a raw config.json (as a hub checkpoint or a hand edit might hold it, not transformers'
+re-serialized form), random weights of the shapes transformers builds from it, and compares the JAX
+backend's logits (prefill and a cached chunk) and the ONNX backend's greedy tokens with transformers'
+(f32). A config neither backend can run exactly must instead be a ValueError naming the field.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from nanovllm_jax import LLM, SamplingParams
+from test_jax_model import PagedModel, rel_err
+
+BASE = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.2,
+            bos_token_id=1, eos_token_id=0)
+LLAMA = dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=10000.0)
+IDS = np.random.default_rng(1).integers(2, 1024, 40).tolist()
+
+
+@pytest.fixture(autouse=True)
+def onnx_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOVLLM_JAX_ONNX_CACHE", str(tmp_path / "onnx_cache"))
+
+
+def build(out: Path, raw: dict, edit_tensors=None) -> Path:
+    """config.json = raw verbatim; weights of the model transformers builds from it (seeded, norms and biases
+    jittered); edit_tensors(dict of numpy tensors) may change the checkpoint afterwards."""
+    from backends.mock import SIMPLE_BPE_PATH
+    from safetensors.numpy import load_file, save_file
+
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(raw))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(out))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.2) if raw["model_type"].startswith("gemma3") else p.mul_(1.0 + 0.2 * torch.randn_like(p))
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "config.json").write_text(json.dumps(raw))  # the raw form, not transformers' normalized one
+    if edit_tensors is not None:
+        tensors = load_file(out / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(SIMPLE_BPE_PATH, out / "tokenizer.json")
+    return out
+
+
+def assert_backends_match_transformers(model_dir: Path, onnx: bool = True) -> None:
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([IDS])).logits[0].numpy()
+    model = PagedModel(model_dir, stacked=False, num_seqs=1)
+    got = np.concatenate([model.step({0: IDS[:20]})[0], model.step({0: IDS[20:]})[0]])
+    assert rel_err(got, expected) < 1e-4
+    if onnx:  # greedy tokens, each the argmax of transformers' full forward over the text before it
+        prompt = IDS[:24]
+        llm = LLM(str(model_dir), backend="onnx", max_model_len=128)
+        tokens = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                              use_tqdm=False)[0].token_ids
+        with torch.no_grad():
+            logits = ref(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:]
+        assert tokens == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("raw", [
+    # rope_parameters' rope_theta wins over a top-level one
+    dict(LLAMA, rope_theta=10.0, rope_parameters=dict(rope_type="linear", factor=4.0, rope_theta=1e6)),
+    # a legacy rope_scaling replaces rope_parameters whole, its rope_theta included (the default 10000 applies)
+    dict({k: v for k, v in LLAMA.items() if k != "rope_theta"}, rope_scaling=dict(rope_type="linear", factor=4.0),
+         rope_parameters=dict(rope_type="default", rope_theta=100.0)),
+    # a top-level original_max_position_embeddings (as Phi-3 stores it) wins over the llama3 dict's
+    dict(LLAMA, original_max_position_embeddings=16, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+], ids=["theta_in_rope_parameters", "rope_scaling_replaces_rope_parameters", "top_level_original_max_position"])
+def test_llama_rope_fields_read_as_transformers_reads_them(tmp_path, raw):
+    assert_backends_match_transformers(build(tmp_path / "model", raw))
