@@ -86,3 +86,34 @@ def assert_backends_match_transformers(model_dir: Path, onnx: bool = True) -> No
 ], ids=["theta_in_rope_parameters", "rope_scaling_replaces_rope_parameters", "top_level_original_max_position"])
 def test_llama_rope_fields_read_as_transformers_reads_them(tmp_path, raw):
     assert_backends_match_transformers(build(tmp_path / "model", raw))
+
+
+GEMMA3 = dict(BASE, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", num_hidden_layers=3, head_dim=16,
+              query_pre_attn_scalar=24, sliding_window=8, hidden_activation="gelu_pytorch_tanh",
+              tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+PER_LAYER_TYPE = {"full_attention": dict(rope_type="default", rope_theta=1e5),
+                  "sliding_attention": dict(rope_type="default", rope_theta=100.0)}
+
+
+def test_gemma3_rope_scaling_updates_the_per_layer_type_rope_parameters(tmp_path):
+    """transformers 5 applies a legacy rope_scaling to the full-attention layers' dict of rope_parameters."""
+    raw = dict(GEMMA3, rope_parameters=PER_LAYER_TYPE, rope_scaling=dict(rope_type="linear", factor=4.0))
+    assert_backends_match_transformers(build(tmp_path / "model", raw))
+
+
+@pytest.mark.parametrize("change, message", [
+    # not keyed by layer type: transformers 5 ignores the dict (and 4.x rope_parameters altogether)
+    (dict(rope_parameters=dict(rope_type="linear", factor=4.0, rope_theta=1e5)), "rope_parameters"),
+    # "type" where transformers 5 already holds rope_type "default": it ignores the linear scaling, 4.x applied it
+    (dict(rope_scaling={"type": "linear", "factor": 8.0}), "rope_scaling.*type='linear'"),
+])
+def test_gemma3_rope_forms_transformers_versions_read_differently_are_refused(tmp_path, change, message):
+    from backends.onnx.model_spec import read_spec
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(GEMMA3 | change))
+    with pytest.raises(ValueError, match=message):
+        PagedModel(model_dir, stacked=False)
+    with pytest.raises(ValueError, match=message):
+        read_spec(model_dir)

@@ -94,16 +94,23 @@ def parse_config(hf: dict) -> Gemma3Config:
     if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
         raise ValueError(f"config field layer_types={types!r} does not list {n} sliding/full_attention layers")
 
+    # As transformers 5 reads them: 5.x's rope_parameters holds one dict per layer type; a 4.x rope_scaling
+    # updates the full-attention layers' (default) dict; the thetas default to rope_theta / rope_local_base_freq.
     rope = hf.get("rope_parameters") or {}
-    if "full_attention" in rope or "sliding_attention" in rope:  # 5.x: one dict per layer type
-        rope_global = dict(rope.get("full_attention") or {})
-        rope_local = dict(rope.get("sliding_attention") or {})
-    else:  # 4.x: scaling applies to the global layers only
-        rope_global = dict(hf.get("rope_scaling") or rope)
-        rope_local = {}
+    if set(rope) - {"full_attention", "sliding_attention"}:
+        raise ValueError(f"config field rope_parameters={rope!r} must hold one dict per layer type (full_attention, "
+                         f"sliding_attention) for Gemma 3: transformers ignores other keys")
+    rope_global = dict(rope.get("full_attention") or {"rope_type": "default"})
+    rope_global.update(hf.get("rope_scaling") or {})
+    rope_local = dict(rope.get("sliding_attention") or {"rope_type": "default"})
     rope_global.setdefault("rope_theta", hf["rope_theta"])
     rope_local.setdefault("rope_theta", hf["rope_local_base_freq"])
     for params in (rope_global, rope_local):
+        if "rope_type" in params and params.get("type", params["rope_type"]) != params["rope_type"]:
+            # e.g. a 4.x rope_scaling spelling its type "type": transformers 5 keeps the dict's rope_type, 4.x took it
+            raise ValueError(f"config field rope_scaling / rope_parameters gives a Gemma 3 RoPE type={params['type']!r} "
+                             f"beside rope_type={params['rope_type']!r} (transformers 5 keeps rope_type, 4.x took "
+                             f"type): name it as rope_type")
         params.setdefault("rope_type", params.pop("type", "default"))  # 4.x spelled it "type"
         rope_inv_freq(2, params["rope_theta"], params)  # fail on an unsupported type now, not at load
 
