@@ -117,3 +117,20 @@ def test_gemma3_rope_forms_transformers_versions_read_differently_are_refused(tm
         PagedModel(model_dir, stacked=False)
     with pytest.raises(ValueError, match=message):
         read_spec(model_dir)
+
+
+def _add_head(same: bool):
+    def edit(tensors):
+        embed = tensors["model.embed_tokens.weight"]
+        rng = np.random.default_rng(5)
+        tensors["lm_head.weight"] = embed.copy() if same else (0.2 * rng.standard_normal(embed.shape)).astype(np.float32)
+    return edit
+
+
+@pytest.mark.parametrize("raw", [dict(LLAMA, tie_word_embeddings=True), GEMMA3], ids=["llama", "gemma3"])
+@pytest.mark.parametrize("same", [False, True], ids=["other_head", "equal_head"])
+def test_a_tied_config_whose_checkpoint_holds_another_head_uses_that_head(tmp_path, raw, same):
+    """transformers 5 leaves embedding and head untied when both are stored with different values."""
+    model_dir = build(tmp_path / "model", raw, edit_tensors=_add_head(same))
+    assert_backends_match_transformers(model_dir)
+    assert ("lm_head" in PagedModel(model_dir, stacked=True).params) == (not same)  # an equal copy is dropped

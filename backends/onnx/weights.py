@@ -75,7 +75,11 @@ def final_norm(w: SafetensorsDir) -> np.ndarray:
 
 
 def lm_head(w: SafetensorsDir, tied: bool) -> np.ndarray | None:
-    """The untied output projection [vocab, hidden], or None when the head reuses the embedding."""
-    if tied:
+    """The untied output projection [vocab, hidden], or None when the head reuses the embedding: as the JAX
+    loader (llama.output_head) and transformers 5, a tied config whose checkpoint holds a head of other values
+    gets that head."""
+    name = next((name for name in LM_HEADS if name in w), None)
+    if tied and name is None:
         return None
-    return w.get(next((name for name in LM_HEADS if name in w), LM_HEADS[0]))
+    head = w.get(name or LM_HEADS[0])
+    return None if tied and np.array_equal(head, embedding(w)) else head

@@ -23,7 +23,8 @@ from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
 from nanovllm_jax.models import ForwardInputs, config_parser
-from nanovllm_jax.models.llama import GetTensor, check_head_groups, layer_stacker, projection_params, write_kv
+from nanovllm_jax.models.llama import (GetTensor, check_head_groups, layer_stacker, output_head, projection_params,
+                                       write_kv)
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 
@@ -177,9 +178,9 @@ def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -
         "rope_inv_freq": np.stack([rope_inv_freq(d, float(dict(r)["rope_theta"]), dict(r))
                                    for r in (cfg.rope_local, cfg.rope_global)]),
     }
-    if not cfg.tie_word_embeddings:
-        head = next((name for name in LM_HEADS if has(name)), LM_HEADS[0])
-        params["lm_head"] = get(head, (cfg.vocab_size, h))  # [V, H] as stored, like every linear weight
+    head = output_head(cfg, get, has, params["embed"], LM_HEADS)
+    if head is not None:
+        params["lm_head"] = head
     return params
 
 

@@ -156,9 +156,23 @@ def load_params(cfg: LlamaConfig, get: GetTensor, has: Callable[[str], bool]) ->
         "layers": layers,
         "rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ())),
     }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, h))  # [V, H] as stored, like every linear weight
+    head = output_head(cfg, get, has, params["embed"])
+    if head is not None:
+        params["lm_head"] = head
     return params
+
+
+def output_head(cfg, get: GetTensor, has: Callable[[str], bool], embed: np.ndarray,
+                names: tuple[str, ...] = ("lm_head.weight",)) -> np.ndarray | None:
+    """The untied head [V, H] as stored (like every linear weight), or None where the head is the embedding.
+
+    As transformers 5 loads it, a tied config whose checkpoint also holds a head of other values is untied:
+    that head is used (transformers warns that the config is wrong). An equal stored head is dropped."""
+    name = next((n for n in names if has(n)), names[0])
+    if cfg.tie_word_embeddings and not has(name):
+        return None
+    head = get(name, (cfg.vocab_size, cfg.hidden_size))
+    return None if cfg.tie_word_embeddings and np.array_equal(head, embed) else head
 
 
 def random_params(cfg: LlamaConfig, dtype: str = "float32", seed: int = 0, std: float = 0.02,
@@ -175,7 +189,8 @@ def random_params(cfg: LlamaConfig, dtype: str = "float32", seed: int = 0, std: 
 
     from nanovllm_jax.loader import to_device
 
-    return to_device(load_params(cfg, fake, lambda name: True), str(jnp.dtype(dtype)), stacked=stacked)
+    has = lambda name: name != "lm_head.weight"  # noqa: E731 - a tied config gets no head of its own
+    return to_device(load_params(cfg, fake, has), str(jnp.dtype(dtype)), stacked=stacked)
 
 
 # ---- the forward pass ------------------------------------------------------------------------
