@@ -64,14 +64,19 @@ def assert_backends_match_transformers(model_dir: Path, onnx: bool = True) -> No
     model = PagedModel(model_dir, stacked=False, num_seqs=1)
     got = np.concatenate([model.step({0: IDS[:20]})[0], model.step({0: IDS[20:]})[0]])
     assert rel_err(got, expected) < 1e-4
-    if onnx:  # greedy tokens, each the argmax of transformers' full forward over the text before it
+    if onnx:  # greedy tokens and their top-20 logprobs, against transformers' full forward over the text
         prompt = IDS[:24]
         llm = LLM(str(model_dir), backend="onnx", max_model_len=128)
-        tokens = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                              use_tqdm=False)[0].token_ids
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=20),
+                           use_tqdm=False)[0]
         with torch.no_grad():
-            logits = ref(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:]
-        assert tokens == logits.argmax(-1).tolist()
+            logits = ref(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1:]
+        assert out.token_ids == logits.argmax(-1).tolist()
+        expected_lp = torch.log_softmax(logits, -1).numpy()
+        for step, lp in enumerate(out.logprobs):
+            ids = sorted(lp.top)
+            np.testing.assert_allclose([lp.top[t] for t in ids], expected_lp[step, ids], atol=1e-3)
+            assert set(ids) == set(np.argsort(-expected_lp[step])[:20].tolist())
 
 
 @pytest.mark.parametrize("raw", [
@@ -134,3 +139,26 @@ def test_a_tied_config_whose_checkpoint_holds_another_head_uses_that_head(tmp_pa
     model_dir = build(tmp_path / "model", raw, edit_tensors=_add_head(same))
     assert_backends_match_transformers(model_dir)
     assert ("lm_head" in PagedModel(model_dir, stacked=True).params) == (not same)  # an equal copy is dropped
+
+
+def _add_layer_tensors(*names_shapes):
+    def edit(tensors):
+        rng = np.random.default_rng(6)
+        for i in range(BASE["num_hidden_layers"]):
+            for name, shape in names_shapes:
+                tensors[f"model.layers.{i}.{name}"] = (1.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32)
+    return edit
+
+
+@pytest.mark.parametrize("raw, edit", [
+    # tensors the config does not call for: transformers ignores them (the ONNX exporter applied them)
+    (LLAMA, _add_layer_tensors(("self_attn.o_proj.bias", (64,)), ("self_attn.q_proj.bias", (64,)))),
+    (LLAMA, _add_layer_tensors(("self_attn.q_norm.weight", (16,)), ("self_attn.k_norm.weight", (16,)))),
+    (dict(GEMMA3, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"]),
+     _add_layer_tensors(("self_attn.o_proj.bias", (64,)))),
+    # attention_bias, which transformers' Qwen2 ignores (q/k/v biases always, no o bias): the JAX backend
+    # looked for o_proj.bias
+    (dict(BASE, architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_bias=True), None),
+], ids=["llama_extra_biases", "llama_extra_qk_norms", "gemma3_extra_o_bias", "qwen2_attention_bias"])
+def test_the_config_not_the_checkpoint_decides_the_optional_tensors(tmp_path, raw, edit):
+    assert_backends_match_transformers(build(tmp_path / "model", raw, edit_tensors=edit))

@@ -95,7 +95,7 @@ def build_graph(spec: ModelSpec, weights: SafetensorsDir, writer: WeightWriter) 
     blocks = _BlockReader(b, kvh, d)
     new_k, new_v = [], []
     for i in range(spec.num_layers):
-        lw = layer_weights(weights, i)
+        lw = layer_weights(weights, i, spec)
         _check_layer_shapes(spec, lw, i)
         pre = f"layers.{i}."
         kind = "sliding" if spec.is_sliding(i) else "full"

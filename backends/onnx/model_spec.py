@@ -32,6 +32,11 @@ class ModelSpec:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # "full" or "sliding" per layer; empty: all full
     rope_local: dict | None = None  # RoPE of the sliding layers
+    # the optional tensors the config says the layers have (as the JAX backend reads it); others in the
+    # checkpoint are ignored, as transformers ignores them
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
@@ -67,7 +72,8 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
                          f"got model_type={text.get('model_type')!r}")
     cfg = llama.parse_config(text)
     return ModelSpec(architecture=text["model_type"], **_shape(cfg),
-                     rope=_rope_params(dict(cfg.rope_scaling or ()), cfg.rope_theta))
+                     rope=_rope_params(dict(cfg.rope_scaling or ()), cfg.rope_theta),
+                     qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm)
 
 
 def _gemma3_spec(hf: dict) -> ModelSpec:
@@ -95,6 +101,9 @@ def _gemma3_spec(hf: dict) -> ModelSpec:
         sliding_window=cfg.sliding_window,
         layer_types=tuple("sliding" if s else "full" for s in cfg.sliding_layers),
         rope_local=_rope_params(dict(cfg.rope_local)),
+        qkv_bias=cfg.attention_bias,
+        o_bias=cfg.attention_bias,
+        qk_norm=True,
     )
 
 

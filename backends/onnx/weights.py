@@ -10,15 +10,13 @@ from functools import cached_property
 
 import numpy as np
 
+from backends.onnx.model_spec import ModelSpec
 from nanovllm_jax import loader
 from nanovllm_jax.models.gemma3 import DECODER_PREFIXES, LM_HEADS
 
 
 class SafetensorsDir(loader.SafetensorsDir):
     """The loader's safetensors reader, widening every tensor to contiguous f32 for the graph."""
-
-    def get_optional(self, name: str) -> np.ndarray | None:
-        return self.get(name) if name in self else None
 
     def get(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(super().get(name), dtype=np.float32)
@@ -33,9 +31,11 @@ class SafetensorsDir(loader.SafetensorsDir):
         return found
 
 
-def layer_weights(w: SafetensorsDir, i: int) -> dict[str, np.ndarray | None]:
+def layer_weights(w: SafetensorsDir, i: int, spec: ModelSpec) -> dict[str, np.ndarray | None]:
     """Graph weights of decoder layer i (HF Llama/Qwen2/Qwen3/Gemma 3 names); optional ones are None.
 
+    Which optional tensors a layer has (biases, q/k norms, Gemma's sandwich norms) follows the config, as in
+    the JAX backend and transformers: a checkpoint's other tensors are ignored, a missing one is an error.
     q/k/v and gate/up are fused so that each layer runs two input matmuls instead of five.
     Linear weights keep HF's [out, in] layout; the graph multiplies with transB.
     """
@@ -43,24 +43,21 @@ def layer_weights(w: SafetensorsDir, i: int) -> dict[str, np.ndarray | None]:
     attn, mlp = p + "self_attn.", p + "mlp."
     if mlp + "gate_proj.bias" in w:
         raise ValueError("MLP biases (mlp_bias=True) are not supported by the ONNX exporter")
-    opt = w.get_optional
     qkv = [w.get(attn + f"{n}_proj.weight") for n in "qkv"]
-    biases = [opt(attn + f"{n}_proj.bias") for n in "qkv"]
     # Gemma 3 norms both sides of attention and MLP ("sandwich"); Llama/Qwen only their inputs
-    sandwich = p + "pre_feedforward_layernorm.weight" in w
+    sandwich = spec.architecture == "gemma3_text"
     return {
         "attn_in_norm": w.get(p + "input_layernorm.weight"),
         "attn_out_norm": w.get(p + "post_attention_layernorm.weight") if sandwich else None,
         "mlp_in_norm": w.get(p + ("pre_feedforward_layernorm.weight" if sandwich else "post_attention_layernorm.weight")),
         "mlp_out_norm": w.get(p + "post_feedforward_layernorm.weight") if sandwich else None,
         "qkv": np.concatenate(qkv),
-        # Qwen2 has q/k/v biases, Llama may (attention_bias); a missing one of the three is zero
-        "qkv_bias": None if all(b is None for b in biases) else np.concatenate(
-            [np.zeros(len(wt), np.float32) if b is None else b for wt, b in zip(qkv, biases)]),
+        # Qwen2 has q/k/v biases, Llama / Qwen3 / Gemma 3 may (attention_bias)
+        "qkv_bias": np.concatenate([w.get(attn + f"{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None,
         "o": w.get(attn + "o_proj.weight"),
-        "o_bias": opt(attn + "o_proj.bias"),
-        "q_norm": opt(attn + "q_norm.weight"),  # Qwen3, Gemma 3
-        "k_norm": opt(attn + "k_norm.weight"),
+        "o_bias": w.get(attn + "o_proj.bias") if spec.o_bias else None,
+        "q_norm": w.get(attn + "q_norm.weight") if spec.qk_norm else None,  # Qwen3, Gemma 3
+        "k_norm": w.get(attn + "k_norm.weight") if spec.qk_norm else None,
         "gate_up": np.concatenate([w.get(mlp + "gate_proj.weight"), w.get(mlp + "up_proj.weight")]),
         "down": w.get(mlp + "down_proj.weight"),
     }

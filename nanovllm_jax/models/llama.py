@@ -79,7 +79,9 @@ def parse_config(hf: dict) -> LlamaConfig:
     rope_inv_freq(2, theta, scaling)  # fail on an unsupported type or a missing key now, not at load
     heads = hf["num_attention_heads"]
     check_head_groups(heads, hf.get("num_key_value_heads") or heads)
-    attention_bias = bool(hf.get("attention_bias", False))
+    # attention_bias as transformers reads it: Llama and Qwen3 put it on q/k/v/o, Qwen2 always has q/k/v biases
+    # and never an o bias, Mistral has none
+    attention_bias = bool(hf.get("attention_bias", False)) and model_type not in ("qwen2", "mistral")
     return LlamaConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
