@@ -162,3 +162,24 @@ def _add_layer_tensors(*names_shapes):
 ], ids=["llama_extra_biases", "llama_extra_qk_norms", "gemma3_extra_o_bias", "qwen2_attention_bias"])
 def test_the_config_not_the_checkpoint_decides_the_optional_tensors(tmp_path, raw, edit):
     assert_backends_match_transformers(build(tmp_path / "model", raw, edit_tensors=edit))
+
+
+@pytest.mark.parametrize("family", ["Llama", "Mistral", "Qwen2", "Qwen3"])
+def test_fields_a_config_leaves_out_take_transformers_defaults(family):
+    """Absent num_key_value_heads (Qwen: 32, Mistral: 8), head_dim (Qwen3: 128) and sliding_window (Mistral:
+    4096, applied past 4096 tokens) were the fallbacks instead: a shape error, or for the window no error."""
+    from nanovllm_jax.models import llama
+
+    raw = dict(architectures=[f"{family}ForCausalLM"], model_type=family.lower(), vocab_size=1024, hidden_size=1024,
+               intermediate_size=128, num_hidden_layers=2, num_attention_heads=32)
+    ours, theirs = llama.parse_config(raw), transformers.AutoConfig.for_model(**raw)
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads  # as modeling_*
+    assert (ours.num_kv_heads, ours.head_dim) == (theirs.num_key_value_heads, head_dim)
+    assert ours.sliding_window == getattr(theirs, "sliding_window", None)
+    assert (ours.rms_norm_eps, ours.rope_theta, ours.tie_word_embeddings) == (
+        theirs.rms_norm_eps, theirs.rope_parameters["rope_theta"], theirs.tie_word_embeddings)
+
+
+def test_qwen3_without_head_dim(tmp_path):
+    raw = {k: v for k, v in BASE.items()} | dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    assert_backends_match_transformers(build(tmp_path / "model", raw))

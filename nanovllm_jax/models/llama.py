@@ -53,6 +53,9 @@ class LlamaConfig:
         return self.num_kv_heads * self.head_dim
 
 
+_KV_HEADS_DEFAULT = {"qwen2": 32, "qwen3": 32, "mistral": 8}  # transformers' where the field is absent
+
+
 def check_head_groups(heads: int, kv_heads: int) -> None:
     if heads % kv_heads:
         raise ValueError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
@@ -78,7 +81,9 @@ def parse_config(hf: dict) -> LlamaConfig:
         scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     rope_inv_freq(2, theta, scaling)  # fail on an unsupported type or a missing key now, not at load
     heads = hf["num_attention_heads"]
-    check_head_groups(heads, hf.get("num_key_value_heads") or heads)
+    # fields a config may leave out take transformers' defaults for its family (null: the fallback)
+    kv_heads = hf.get("num_key_value_heads", _KV_HEADS_DEFAULT.get(model_type)) or heads
+    check_head_groups(heads, kv_heads)
     # attention_bias as transformers reads it: Llama and Qwen3 put it on q/k/v/o, Qwen2 always has q/k/v biases
     # and never an o bias, Mistral has none
     attention_bias = bool(hf.get("attention_bias", False)) and model_type not in ("qwen2", "mistral")
@@ -88,8 +93,8 @@ def parse_config(hf: dict) -> LlamaConfig:
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        num_kv_heads=kv_heads,
+        head_dim=hf.get("head_dim", 128 if model_type == "qwen3" else None) or hf["hidden_size"] // heads,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         rope_theta=theta,
@@ -98,8 +103,8 @@ def parse_config(hf: dict) -> LlamaConfig:
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=attention_bias,
         qk_norm=model_type == "qwen3",
-        # Mistral configs carry no use_sliding_window flag: their window always applies
-        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        # Mistral configs carry no use_sliding_window flag: their window (4096 where absent) always applies
+        sliding_window=hf.get("sliding_window", 4096) if model_type == "mistral" else None,
     )
 
 
