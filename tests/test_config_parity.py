@@ -183,3 +183,19 @@ def test_fields_a_config_leaves_out_take_transformers_defaults(family):
 def test_qwen3_without_head_dim(tmp_path):
     raw = {k: v for k, v in BASE.items()} | dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
     assert_backends_match_transformers(build(tmp_path / "model", raw))
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Mistral"])
+def test_a_config_without_model_type_is_its_architectures(tmp_path, family):
+    """transformers' Qwen2ForCausalLM (& co.) loads such a config by class; the family's switches (Qwen2's
+    biases, Qwen3's q/k norms, Mistral's window) were silently off."""
+    raw = dict(BASE, architectures=[f"{family}ForCausalLM"], model_type=family.lower(), head_dim=16, sliding_window=8)
+    model_dir = build(tmp_path / "model", raw)
+    del raw["model_type"]
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    ref = getattr(transformers, f"{family}ForCausalLM").from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([IDS])).logits[0].numpy()
+    model = PagedModel(model_dir, stacked=False, num_seqs=1)
+    got = np.concatenate([model.step({0: IDS[:20]})[0], model.step({0: IDS[20:]})[0]])
+    assert rel_err(got, expected) < 1e-4

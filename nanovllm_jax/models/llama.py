@@ -53,6 +53,8 @@ class LlamaConfig:
         return self.num_kv_heads * self.head_dim
 
 
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                "MistralForCausalLM": "mistral"}
 _KV_HEADS_DEFAULT = {"qwen2": 32, "qwen3": 32, "mistral": 8}  # transformers' where the field is absent
 
 
@@ -64,7 +66,10 @@ def check_head_groups(heads: int, kv_heads: int) -> None:
 @config_parser
 def parse_config(hf: dict) -> LlamaConfig:
     """Read an HF config.json dict (transformers 4.x or 5.x field names)."""
-    model_type = hf.get("model_type", "")
+    # the family switches below key on model_type; a config without one (transformers' Qwen2ForCausalLM & co. load
+    # it by class) is its architecture's
+    model_type = hf.get("model_type") or next(
+        (_MODEL_TYPES[a] for a in hf.get("architectures") or [] if a in _MODEL_TYPES), "")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config field hidden_act={hf['hidden_act']!r} is unsupported (only silu)")
     if hf.get("mlp_bias"):
