@@ -40,6 +40,7 @@ class SafetensorsDir:
             raise ValueError(f"no *.safetensors files in {model_dir}")
         self._handles = []
         self._owner: dict[str, object] = {}
+        file_of: dict[str, str] = {}
         for name in files:
             path = model_dir / name
             if not path.exists():
@@ -49,7 +50,11 @@ class SafetensorsDir:
             except SafetensorError as e:
                 raise ValueError(f"cannot read safetensors file {path}: {e}") from e
             self._handles.append(handle)
-            self._owner.update(dict.fromkeys(handle.keys(), handle))
+            for tensor in handle.keys():
+                if tensor in file_of:  # which copy a loader takes would be arbitrary
+                    raise ValueError(f"tensor {tensor!r} is stored twice in {model_dir}: in {file_of[tensor]} and {name}")
+                file_of[tensor] = name
+                self._owner[tensor] = handle
 
     def __contains__(self, name: str) -> bool:
         return name in self._owner

@@ -118,3 +118,26 @@ def test_converted_gguf_dir_loads(tmp_path):
     assert cfg.num_layers == 2
     np.testing.assert_allclose(np.asarray(params["embed"]), weights["model.embed_tokens.weight"],
                                atol=np.abs(weights["model.embed_tokens.weight"]).max() / 100)
+
+
+def test_a_sharded_checkpoint_loads_and_a_tensor_stored_twice_is_named(float_dir, tmp_path):
+    """Shards listed by the index load as one checkpoint; a tensor in two shards is an error naming both
+    (which copy was loaded depended on the files' order)."""
+    tensors = load_file(float_dir / "model.safetensors")
+    names = sorted(tensors)
+    half = len(names) // 2
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((float_dir / "config.json").read_text())
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, str(sharded / file))
+    weight_map = {n: file for file, part in shards.items() for n in part}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _, _, params = load_model(sharded)
+    _, _, reference = load_model(float_dir)
+    np.testing.assert_array_equal(np.asarray(params["embed"]), np.asarray(reference["embed"]))
+    save_file({n: tensors[n] * 2 for n in names[:half + 1]}, str(sharded / "model-00001-of-00002.safetensors"))
+    with pytest.raises(ValueError, match=rf"tensor '{names[half]}' is stored twice .*model-00001-of-00002"
+                                         rf".*model-00002-of-00002"):
+        load_model(sharded)
