@@ -88,7 +88,11 @@ def assert_backends_match_transformers(model_dir: Path, onnx: bool = True) -> No
     # a top-level original_max_position_embeddings (as Phi-3 stores it) wins over the llama3 dict's
     dict(LLAMA, original_max_position_embeddings=16, rope_scaling=dict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
-], ids=["theta_in_rope_parameters", "rope_scaling_replaces_rope_parameters", "top_level_original_max_position"])
+    # without one, llama3 scaling's pretraining length is max_position_embeddings
+    dict(LLAMA, max_position_embeddings=128, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                              high_freq_factor=4.0)),
+], ids=["theta_in_rope_parameters", "rope_scaling_replaces_rope_parameters", "top_level_original_max_position",
+        "llama3_original_max_position_defaults_to_max_position"])
 def test_llama_rope_fields_read_as_transformers_reads_them(tmp_path, raw):
     assert_backends_match_transformers(build(tmp_path / "model", raw))
 
@@ -100,9 +104,11 @@ PER_LAYER_TYPE = {"full_attention": dict(rope_type="default", rope_theta=1e5),
                   "sliding_attention": dict(rope_type="default", rope_theta=100.0)}
 
 
-def test_gemma3_rope_scaling_updates_the_per_layer_type_rope_parameters(tmp_path):
+@pytest.mark.parametrize("scaling", [dict(rope_type="linear", factor=4.0),  # llama3: its length defaults as Llama's
+                                     dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)])
+def test_gemma3_rope_scaling_updates_the_per_layer_type_rope_parameters(tmp_path, scaling):
     """transformers 5 applies a legacy rope_scaling to the full-attention layers' dict of rope_parameters."""
-    raw = dict(GEMMA3, rope_parameters=PER_LAYER_TYPE, rope_scaling=dict(rope_type="linear", factor=4.0))
+    raw = dict(GEMMA3, max_position_embeddings=128, rope_parameters=PER_LAYER_TYPE, rope_scaling=scaling)
     assert_backends_match_transformers(build(tmp_path / "model", raw))
 
 

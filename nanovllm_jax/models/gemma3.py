@@ -113,6 +113,8 @@ def parse_config(hf: dict) -> Gemma3Config:
                              f"beside rope_type={params['rope_type']!r} (transformers 5 keeps rope_type, 4.x took "
                              f"type): name it as rope_type")
         params.setdefault("rope_type", params.pop("type", "default"))  # 4.x spelled it "type"
+        if params["rope_type"] == "llama3":  # its pretraining length, where the dict does not give one
+            params.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
         rope_inv_freq(2, params["rope_theta"], params)  # fail on an unsupported type now, not at load
 
     # attn_logit_softcapping is ignored, as transformers does: Gemma 3 replaced Gemma 2's attention

@@ -77,13 +77,15 @@ def parse_config(hf: dict) -> LlamaConfig:
     if hf.get("use_sliding_window"):
         raise ValueError("config field use_sliding_window=true is unsupported for this architecture")
     # As transformers 5 reads them: a legacy rope_scaling replaces rope_parameters, and the rope_theta inside
-    # the dict in use wins over a top-level one; a top-level original_max_position_embeddings (Phi-3 style)
-    # wins over the dict's for llama3 scaling.
+    # the dict in use wins over a top-level one; llama3 scaling's pretraining length is a top-level
+    # original_max_position_embeddings (Phi-3 style), else the dict's, else max_position_embeddings.
     scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     theta = float(scaling.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "llama3" and "original_max_position_embeddings" in hf:
         scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    elif rope_type == "llama3" and "max_position_embeddings" in hf:
+        scaling.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
     rope_inv_freq(2, theta, scaling)  # fail on an unsupported type or a missing key now, not at load
     heads = hf["num_attention_heads"]
     # fields a config may leave out take transformers' defaults for its family (null: the fallback)
