@@ -181,11 +181,16 @@ def start_engine(backend: str, model: str | None, workload: Workload, args, coun
 def start_hf(model_dir: str, workload: Workload, args) -> Run:
     """transformers, batched as a user of `generate` would: one left-padded batch, f32 on CPU."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     held, start = Held(), time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load_s = time.perf_counter() - start
+    # generate() fills every setting it is not given from the model's generation_config.json (a
+    # repetition_penalty, min_p, no_repeat_ngram_size, num_beams, num_return_sequences ...): keep only
+    # the special tokens, so transformers samples as the engines do (temperature only).
+    special = {k: getattr(model.generation_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    model.generation_config = GenerationConfig(**special)
     width = max(map(len, workload.prompts))
     ids = torch.zeros((len(workload.prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -205,8 +210,10 @@ def start_hf(model_dir: str, workload: Workload, args) -> Run:
     def run() -> dict:
         loadavg, t0 = os.getloadavg()[0], time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, **sampling)
+            out = model.generate(ids, attention_mask=mask, **sampling)
         wall = time.perf_counter() - t0
+        # the work it is credited with (each row to the longest output), as the engines' token count is checked
+        assert tuple(out.shape) == (ids.shape[0], width + new_tokens), f"transformers returned {tuple(out.shape)}"
         # Counted the same way: each request's own max_tokens, though one batched generate runs every
         # row to the longest and prefills the padding (the work it did is reported beside).
         return {

@@ -137,3 +137,46 @@ def test_bench_random_weights_against_transformers(tmp_path, monkeypatch):
         assert run["output_tok_s"] * run["run_s"] == pytest.approx(workload.output_tokens)
     assert hf["tokens_generated_with_padding"] == 3 * max(workload.output_lens)
     assert hf["prompt_tokens_with_padding"] == 3 * max(map(len, workload.prompts))
+
+
+def _tiny_random_model(tmp_path, monkeypatch):
+    from nanovllm_jax import random_models
+
+    monkeypatch.setitem(random_models.RANDOM_CONFIGS, "tiny-qwen3", dict(
+        RANDOM_CONFIGS["qwen3-0.6b"], hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=1024, max_position_embeddings=512))
+    return random_models.build_random_model("tiny-qwen3", tmp_path / "random" / "tiny-qwen3")
+
+
+def test_transformers_samples_as_the_engines_whatever_the_models_generation_config_says(tmp_path, monkeypatch):
+    """A generation_config.json's repetition_penalty, n-gram ban, min_p, top_k or extra return sequences
+    would have transformers do other (or more) work than it is credited with."""
+    from transformers.generation.utils import GenerationMixin
+
+    model_dir = _tiny_random_model(tmp_path, monkeypatch)
+    (model_dir / "generation_config.json").write_text(json.dumps(dict(
+        eos_token_id=0, do_sample=True, top_k=20, repetition_penalty=1.3, no_repeat_ngram_size=2, min_p=0.05,
+        num_return_sequences=2)))
+    processors, shapes = [], []
+    get_processors, generate = GenerationMixin._get_logits_processor, GenerationMixin.generate
+
+    def spy_processors(self, *args, **kwargs):
+        found = get_processors(self, *args, **kwargs)
+        processors.extend(type(p).__name__ for p in found)
+        return found
+
+    def spy_generate(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(GenerationMixin, "_get_logits_processor", spy_processors)
+    monkeypatch.setattr(GenerationMixin, "generate", spy_generate)
+    args = bench.parse_args(["--backend", "onnx", "--num-seqs", "3", "--min-input-len", "4", "--max-input-len", "12",
+                             "--min-output-len", "2", "--max-output-len", "6"])
+    workload = bench.make_workload(args, 1024)
+    run = bench.start_hf(str(model_dir), workload, args)()
+    # temperature, and the minimum length that stands in for ignore_eos (min_new_tokens also sets a MinLength)
+    assert set(processors) == {"TemperatureLogitsWarper", "MinNewTokensLengthLogitsProcessor", "MinLengthLogitsProcessor"}
+    width, longest = max(map(len, workload.prompts)), max(workload.output_lens)
+    assert shapes[-1] == (3, width + longest) and run["tokens_generated_with_padding"] == 3 * longest
