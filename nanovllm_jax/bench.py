@@ -58,17 +58,22 @@ class CompileCounter:
 
     def __init__(self):
         self.count = 0
+        self.active = False  # listening: otherwise a run reports no count (None), not a count of 0
         try:
             import jax.monitoring
-            from jax._src.dispatch import BACKEND_COMPILE_EVENT
         except ImportError:
             return
+        try:
+            from jax._src.dispatch import BACKEND_COMPILE_EVENT
+        except ImportError:  # a private name another jax may move: the event itself keeps its name
+            BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
         def on_event(event: str, duration: float, **kwargs) -> None:
             if event == BACKEND_COMPILE_EVENT:
                 self.count += 1
 
         jax.monitoring.register_event_duration_secs_listener(on_event)
+        self.active = True
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
@@ -168,7 +173,7 @@ def start_engine(backend: str, model: str | None, workload: Workload, args, coun
             "tpot_ms": percentiles(tpot),
             "itl_ms": percentiles(gaps),
             # only the JAX backend compiles (ONNX Runtime plans each new shape without a compile step)
-            "compilations_after_warmup": counter.count - compiles if backend == "jax" else None,
+            "compilations_after_warmup": counter.count - compiles if backend == "jax" and counter.active else None,
             **memory,
             "process_peak_rss_mb": process_peak_rss_mb(),
             "process_device_peak_mb": device_mb("peak_bytes_in_use"),

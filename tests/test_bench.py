@@ -180,3 +180,17 @@ def test_transformers_samples_as_the_engines_whatever_the_models_generation_conf
     assert set(processors) == {"TemperatureLogitsWarper", "MinNewTokensLengthLogitsProcessor", "MinLengthLogitsProcessor"}
     width, longest = max(map(len, workload.prompts)), max(workload.output_lens)
     assert shapes[-1] == (3, width + longest) and run["tokens_generated_with_padding"] == 3 * longest
+
+
+def test_the_compile_counter_counts_without_jaxs_private_event_name(monkeypatch):
+    """BACKEND_COMPILE_EVENT is private to jax: where it cannot be imported, the counter still counts
+    (it counted nothing, and every run reported 0 compilations after warm-up)."""
+    import sys
+
+    import jax
+    import numpy as np
+
+    monkeypatch.setitem(sys.modules, "jax._src.dispatch", None)  # the import raises ImportError
+    counter = bench.CompileCounter()
+    jax.jit(lambda x: x * 3.25 - 1)(np.arange(7.0))  # a program compiled now
+    assert counter.count >= 1 and counter.active
