@@ -85,7 +85,8 @@ def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float |
 
 def process_peak_rss_mb() -> float:
     """The process's peak so far: every engine loaded before it counts (see rss_held_mb)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def rss_mb() -> float | None:

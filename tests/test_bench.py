@@ -194,3 +194,12 @@ def test_the_compile_counter_counts_without_jaxs_private_event_name(monkeypatch)
     counter = bench.CompileCounter()
     jax.jit(lambda x: x * 3.25 - 1)(np.arange(7.0))  # a program compiled now
     assert counter.count >= 1 and counter.active
+
+
+@pytest.mark.parametrize("platform, maxrss", [("linux", 300 * 1024), ("darwin", 300 * 2**20)])
+def test_peak_rss_is_in_mb_where_getrusage_counts_kib_or_bytes(monkeypatch, platform, maxrss):
+    import types
+
+    monkeypatch.setattr(bench.sys, "platform", platform)
+    monkeypatch.setattr(bench.resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=maxrss))
+    assert bench.process_peak_rss_mb() == 300
