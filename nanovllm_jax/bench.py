@@ -299,6 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown backend {backend!r}: choose jax, onnx or mock")
     if len(set(args.backend)) < len(args.backend):
         p.error("--backend names an engine twice")
+    if args.random_weights and args.model:
+        p.error("--random-weights builds the model it runs: it cannot take --model as well")
     if args.random_weights and "mock" in args.backend:
         p.error("the mock backend runs its own toy model: --random-weights needs jax or onnx")
     if args.num_seqs < 1:

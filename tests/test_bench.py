@@ -59,7 +59,7 @@ def test_bench_workload_is_seeded():
                                   ["--backend", "mock", "--random-weights", "qwen3-0.6b"], ["--json", "/"], ["--json", __file__ + "/out.json"],
                                   ["--json", "/proc/out.json"], ["--seed", "-1"], ["--seed", str(2**32 - 1), "--num-seqs", "2"],
                                   ["--min-input-len", str(10**10), "--max-input-len", str(10**10)],
-                                  ["--num-seqs", str(10**12)]])
+                                  ["--num-seqs", str(10**12)], ["--model", "some/dir", "--random-weights", "qwen3-0.6b"]])
 def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
