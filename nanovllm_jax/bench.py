@@ -211,7 +211,7 @@ def start_hf(model_dir: str, workload: Workload, args) -> Run:
     with torch.inference_mode():
         model.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], **(sampling | dict(min_new_tokens=4, max_new_tokens=4)))
     warmup_s = time.perf_counter() - warm
-    memory = held.report()
+    memory = held.report() | {"device_held_mb": None}  # it runs on the CPU: the JAX device's memory is not its
 
     def run() -> dict:
         loadavg, t0 = os.getloadavg()[0], time.perf_counter()
@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("speedup vs transformers: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_vs_hf"].items()))
     if len(args.backend) > 1:
         result["ratio_vs_first_backend"] = {runs[i]["engine"]: median_ratio(rounds, i, 0) for i in engines[1:]}
+        print(f"throughput vs {runs[0]['engine']}: "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in result["ratio_vs_first_backend"].items()))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
@@ -395,6 +397,9 @@ def format_run(run: dict) -> str:
     line = (f"{run['engine']:>22}: {run['output_tok_s']:8.1f} output tok/s  {run['total_tok_s']:8.1f} total tok/s  "
             f"run {run['run_s']:.1f}s  warm-up {run['warmup_s']:.1f}s  {held}"
             f"{run['process_peak_rss_mb']:.0f} MB{')' if held else ' peak RSS'}")
+    if run.get("device_held_mb") is not None:  # a device with memory stats (a GPU): not on CPU
+        peak = run.get("process_device_peak_mb")
+        line += f"  holds {run['device_held_mb']:.0f} MB device memory" + ("" if peak is None else f" (process peak {peak:.0f} MB)")
     if "ttft_ms" in run:
         line += (f"\n{'':>24}TTFT p50/p99 {_ms(run['ttft_ms'], 0)} ms  TPOT p50/p99 {_ms(run['tpot_ms'], 1)} ms  "
                  f"ITL p50/p99 {_ms(run['itl_ms'], 1)} ms")

@@ -137,6 +137,7 @@ def test_bench_random_weights_against_transformers(tmp_path, monkeypatch):
         assert run["output_tok_s"] * run["run_s"] == pytest.approx(workload.output_tokens)
     assert hf["tokens_generated_with_padding"] == 3 * max(workload.output_lens)
     assert hf["prompt_tokens_with_padding"] == 3 * max(map(len, workload.prompts))
+    assert hf["device_held_mb"] is None  # transformers runs on the CPU, whatever device JAX has
 
 
 def _tiny_random_model(tmp_path, monkeypatch):
@@ -203,3 +204,17 @@ def test_peak_rss_is_in_mb_where_getrusage_counts_kib_or_bytes(monkeypatch, plat
     monkeypatch.setattr(bench.sys, "platform", platform)
     monkeypatch.setattr(bench.resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=maxrss))
     assert bench.process_peak_rss_mb() == 300
+
+
+def test_the_printed_report_shows_device_memory_and_the_ratio_between_backends(tmp_path, monkeypatch, capsys):
+    run = dict(engine="nanovllm_jax[jax]", output_tok_s=100.0, total_tok_s=300.0, run_s=2.0, warmup_s=9.0,
+               rss_held_mb=700.0, process_peak_rss_mb=1500.0, device_held_mb=1234.0, process_device_peak_mb=5678.0)
+    line = bench.format_run(run)
+    assert "1234 MB device" in line and "5678 MB" in line
+    assert "device" not in bench.format_run(run | dict(device_held_mb=None, process_device_peak_mb=None))  # CPU
+    model_dir = _tiny_random_model(tmp_path, monkeypatch)
+    monkeypatch.setenv("NANOVLLM_JAX_ONNX_CACHE", str(tmp_path / "onnx"))
+    result = bench.main(["--model", str(model_dir), "--backend", "mock,onnx", "--num-seqs", "2", "--min-input-len", "4",
+                         "--max-input-len", "8", "--min-output-len", "2", "--max-output-len", "3"])
+    (ratio,) = result["ratio_vs_first_backend"].values()
+    assert f"throughput vs nanovllm_jax[mock]: nanovllm_jax[onnx] {ratio:.2f}x" in capsys.readouterr().out
