@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": model or "mock",
         "model_name": args.random_weights or args.model or ("mock" if model is None else "embedded Gemma 3 270M"),
         "workload": {k: getattr(args, k) for k in ("num_seqs", "min_input_len", "max_input_len", "min_output_len",
-                                                   "max_output_len", "seed", "temperature")},
+                                                   "max_output_len", "seed", "temperature")}
+                    | {"input_tokens": workload.input_tokens, "output_tokens": workload.output_tokens},
         "rounds": args.rounds,
         "runs": runs,
     }

@@ -18,6 +18,11 @@ def test_bench_on_the_mock_reports_every_field(tmp_path):
         assert run[key]["p50"] <= run[key]["p99"]
     assert run["compilations_after_warmup"] is None and run["process_peak_rss_mb"] > run["rss_held_mb"] >= 0
     assert result["workload"]["num_seqs"] == 6
+    workload = bench.make_workload(bench.parse_args(["--num-seqs", "6", "--min-input-len", "4", "--max-input-len", "40",
+                                                     "--min-output-len", "2", "--max-output-len", "12"]), 1024)
+    assert (result["workload"]["input_tokens"], result["workload"]["output_tokens"]) == (
+        workload.input_tokens, workload.output_tokens)  # as printed, and what the tok/s divide
+    assert run["output_tok_s"] * run["run_s"] == pytest.approx(workload.output_tokens)
 
 
 def test_bench_json_has_no_nan_when_no_request_has_a_second_token(tmp_path):
