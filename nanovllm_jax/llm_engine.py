@@ -158,10 +158,11 @@ class LLMEngine:
         return token_ids
 
     def _banned_ids(self, params: SamplingParams) -> list[int]:
-        """The ids masked while a request is below min_tokens."""
+        """The ids masked while a request is below min_tokens: its stop_token_ids and the EOS ids, these
+        even with ignore_eos (as in vLLM, whose min-tokens processor masks every EOS id it knows)."""
         if params.min_tokens == 0:
             return []
-        return sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
+        return sorted(set(params.stop_token_ids) | self.eos_token_ids)
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         """max_tokens None: as many as max_model_len leaves (as in vLLM)."""

@@ -33,7 +33,8 @@ def mock_generate(prompt: list[int], params: SamplingParams, vocab_size: int, eo
     out: list[int] = []
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
     while True:
-        banned = sorted(stop_ids) if len(out) < params.min_tokens else []
+        # below min_tokens the EOS ids are banned even with ignore_eos (as in vLLM)
+        banned = sorted(set(params.stop_token_ids) | eos_ids) if len(out) < params.min_tokens else []
         ctx = np.array(context, np.int32)
         logits = mock_logits(ctx, vocab_size)[None]
         sampling = one_row_sampling(params, params.seed or 0, len(prompt), banned, vocab_size)

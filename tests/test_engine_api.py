@@ -90,6 +90,19 @@ def test_eos_stops_unless_ignored(eos_model):
     assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"
 
 
+def test_min_tokens_bans_eos_even_with_ignore_eos(eos_model):
+    """As in vLLM (its min-tokens processor masks every EOS id, ignore_eos or not): the first min_tokens
+    tokens are never EOS. Before, ignore_eos left EOS drawable there (the greedy 5th token here)."""
+    model_dir, eos, free = eos_model
+    llm = LLM(str(model_dir), backend="mock", max_model_len=256)
+    assert free.token_ids[4] == eos
+    params = SamplingParams(max_tokens=12, min_tokens=6, **GREEDY)
+    out = llm.generate(PROMPTS[2], params, use_tqdm=False)[0]
+    assert eos not in out.token_ids[:6] and out.token_ids[:4] == free.token_ids[:4]
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+    assert out.token_ids == mock_generate(llm.tokenizer.encode(PROMPTS[2]), params, 1024, {eos})
+
+
 def test_max_tokens_and_seeded_sampling(llm):
     sp = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12, ignore_eos=True)
     alone = llm.generate(PROMPTS[0], sp, use_tqdm=False)[0]
@@ -175,7 +188,7 @@ def test_max_tokens_none_runs_to_max_model_len(llm):
 def test_min_tokens_masks_at_most_max_banned_ids(llm):
     from nanovllm_jax.runner import MAX_BANNED_IDS
 
-    ids = list(range(100, 100 + MAX_BANNED_IDS))
+    ids = list(range(100, 100 + MAX_BANNED_IDS - 1))  # and the EOS id, banned even with ignore_eos
     out = llm.generate(PROMPTS[0], SamplingParams(min_tokens=3, max_tokens=5, stop_token_ids=ids, **GREEDY),
                        use_tqdm=False)[0]
     assert len(out.token_ids) >= 3 and not set(out.token_ids[:3]) & set(ids)
