@@ -185,6 +185,25 @@ def test_max_tokens_none_runs_to_max_model_len(llm):
         small.generate([[5] * 10], SamplingParams(max_tokens=None), use_tqdm=False)
 
 
+def test_stop_strings_wait_for_min_tokens(llm):
+    """As in vLLM, a stop string must end in the text of a token past the first min_tokens. Greedy
+    PROMPTS[0] starts 'ts', 'I', ...: with min_tokens=1, 'ts' (the first token's text) once ended the
+    request at that token, empty, and a shorter stop string in the lookback of a longer one still
+    matched the held-back text one token later."""
+    free = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)[0]
+    assert llm.tokenizer.decode(free.token_ids[:1]) == "ts" and free.text.count("ts") == 1
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, stop=["ts"], **GREEDY), use_tqdm=False)[0]
+    assert (out.text, out.token_ids, out.finish_reason) == ("", free.token_ids[:1], "stop")
+    for stop in (["ts"], ["ts", "longer stop"]):
+        held = SamplingParams(max_tokens=8, min_tokens=1, stop=stop, **GREEDY)
+        out = llm.generate(PROMPTS[0], held, use_tqdm=False)[0]
+        assert (out.text, out.token_ids, out.finish_reason) == (free.text, free.token_ids, "length"), stop
+    second = llm.tokenizer.decode(free.token_ids[1:2])  # a stop string ending in the second token's text
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, min_tokens=1, stop=["s" + second], **GREEDY),
+                       use_tqdm=False)[0]
+    assert (out.text, out.token_ids, out.finish_reason) == ("t", free.token_ids[:2], "stop")
+
+
 def test_min_tokens_masks_at_most_max_banned_ids(llm):
     from nanovllm_jax.runner import MAX_BANNED_IDS
 
