@@ -219,7 +219,9 @@ def start_hf(model_dir: str, workload: Workload, args) -> Run:
             out = model.generate(ids, attention_mask=mask, **sampling)
         wall = time.perf_counter() - t0
         # the work it is credited with (each row to the longest output), as the engines' token count is checked
-        assert tuple(out.shape) == (ids.shape[0], width + new_tokens), f"transformers returned {tuple(out.shape)}"
+        if tuple(out.shape) != (ids.shape[0], width + new_tokens):
+            raise RuntimeError(f"transformers returned {tuple(out.shape)}, not the {ids.shape[0]} rows of "
+                               f"{width + new_tokens} tokens it is credited with")
         # Counted the same way: each request's own max_tokens, though one batched generate runs every
         # row to the longest and prefills the padding (the work it did is reported beside).
         return {

@@ -69,12 +69,12 @@ def publish(scratch: Path, target: Path, is_complete: Callable[[Path], bool]) ->
     _sync_tree(scratch)
     try:
         os.rename(scratch, target)
-        _fsync(target.parent)
-        return True
     except OSError:
         if not lookup(target, is_complete):
             raise
         return False
+    _fsync(target.parent)
+    return True
 
 
 def mark_used(entry: Path) -> None:
