@@ -120,7 +120,7 @@ def build_graph(spec: ModelSpec, weights: SafetensorsDir, writer: WeightWriter) 
 
     last = b.op("Gather", x, "logits_indices", axis=0)  # only the S rows that get sampled
     last = b.rms_norm(last, final_norm(weights), "final_norm")
-    head = lm_head(weights, spec.tie_word_embeddings)
+    head = lm_head(weights, spec)
     if head is not None:
         _checked("lm_head", head, (spec.vocab_size, spec.hidden_size))
     head_name = embed if head is None else b.weight("lm_head", head)

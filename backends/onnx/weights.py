@@ -13,6 +13,7 @@ import numpy as np
 from backends.onnx.model_spec import ModelSpec
 from nanovllm_jax import loader
 from nanovllm_jax.models.gemma3 import DECODER_PREFIXES, LM_HEADS
+from nanovllm_jax.models.llama import output_head
 
 
 class SafetensorsDir(loader.SafetensorsDir):
@@ -71,12 +72,7 @@ def final_norm(w: SafetensorsDir) -> np.ndarray:
     return w.get(w.prefix + "norm.weight")
 
 
-def lm_head(w: SafetensorsDir, tied: bool) -> np.ndarray | None:
-    """The untied output projection [vocab, hidden], or None when the head reuses the embedding: as the JAX
-    loader (llama.output_head) and transformers 5, a tied config whose checkpoint holds a head of other values
-    gets that head."""
-    name = next((name for name in LM_HEADS if name in w), None)
-    if tied and name is None:
-        return None
-    head = w.get(name or LM_HEADS[0])
-    return None if tied and np.array_equal(head, embedding(w)) else head
+def lm_head(w: SafetensorsDir, spec: ModelSpec) -> np.ndarray | None:
+    """The untied output projection [vocab, hidden], or None when the head reuses the embedding: picked as
+    the JAX loader picks it (llama.output_head)."""
+    return output_head(spec, lambda name, shape: w.get(name), w.__contains__, lambda: embedding(w), LM_HEADS)

@@ -16,7 +16,6 @@ from typing import Callable, NamedTuple, TypeVar
 import jax
 
 from nanovllm_jax.config import is_count
-
 from nanovllm_jax.layers.attention import AttentionMetadata
 
 

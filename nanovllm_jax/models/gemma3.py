@@ -180,7 +180,7 @@ def load_params(cfg: Gemma3Config, get: GetTensor, has: Callable[[str], bool]) -
         "rope_inv_freq": np.stack([rope_inv_freq(d, float(dict(r)["rope_theta"]), dict(r))
                                    for r in (cfg.rope_local, cfg.rope_global)]),
     }
-    head = output_head(cfg, get, has, params["embed"], LM_HEADS)
+    head = output_head(cfg, get, has, lambda: params["embed"], LM_HEADS)
     if head is not None:
         params["lm_head"] = head
     return params

@@ -170,23 +170,24 @@ def load_params(cfg: LlamaConfig, get: GetTensor, has: Callable[[str], bool]) ->
         "layers": layers,
         "rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ())),
     }
-    head = output_head(cfg, get, has, params["embed"])
+    head = output_head(cfg, get, has, lambda: params["embed"])
     if head is not None:
         params["lm_head"] = head
     return params
 
 
-def output_head(cfg, get: GetTensor, has: Callable[[str], bool], embed: np.ndarray,
+def output_head(cfg, get: GetTensor, has: Callable[[str], bool], embed: Callable[[], np.ndarray],
                 names: tuple[str, ...] = ("lm_head.weight",)) -> np.ndarray | None:
     """The untied head [V, H] as stored (like every linear weight), or None where the head is the embedding.
 
     As transformers 5 loads it, a tied config whose checkpoint also holds a head of other values is untied:
-    that head is used (transformers warns that the config is wrong). An equal stored head is dropped."""
+    that head is used (transformers warns that the config is wrong). An equal stored head is dropped; `embed`
+    gives the embedding to compare, read only then."""
     name = next((n for n in names if has(n)), names[0])
     if cfg.tie_word_embeddings and not has(name):
         return None
     head = get(name, (cfg.vocab_size, cfg.hidden_size))
-    return None if cfg.tie_word_embeddings and np.array_equal(head, embed) else head
+    return None if cfg.tie_word_embeddings and np.array_equal(head, embed()) else head
 
 
 def random_params(cfg: LlamaConfig, dtype: str = "float32", seed: int = 0, std: float = 0.02,
