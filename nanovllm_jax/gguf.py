@@ -149,49 +149,52 @@ def write_hf_dir(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None
     """Write config.json, generation_config.json, model.safetensors and the tokenizer files into out_dir."""
     from tqdm.auto import tqdm
 
-    from . import gguf_tokenizer
-
     reader = open_gguf(gguf_path)
-    try:
-        metadata = read_metadata(reader)
-    except ValueError as e:
-        raise ValueError(f"{gguf_path}: {e}") from e
-    if metadata.get("split.count", 1) > 1:
-        raise ValueError(f"{gguf_path} is part {metadata.get('split.no', 0) + 1} of a {metadata['split.count']}-part "
-                         "split GGUF; merge the parts first (llama.cpp: llama-gguf-split --merge FIRST_PART OUT)")
-    architecture = metadata.get("general.architecture")
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"{gguf_path}: unsupported GGUF architecture {architecture!r}; "
-                         f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    check_tensor_types(gguf_path, reader.tensors)
-    tensors = {t.name: t for t in reader.tensors}
-    try:
-        config = hf_config(metadata, tensors) | {"torch_dtype": dtype, "dtype": dtype}
-        check_layer_tensors(tensors, config["num_hidden_layers"], architecture)
+    try:  # everything that can refuse the file, before any weight is read
+        metadata, config, tokenizer, tok_config, plan = _conversion_plan(reader, dtype)
     except ValueError as e:
         raise ValueError(f"{gguf_path}: {e}") from e
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(metadata), indent=2))
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
+    tensors = {t.name: t for t in reader.tensors}
+    architecture = metadata["general.architecture"]
+    arrays = (hf_tensor(architecture, config, name, dequantize(tensors[name])) for name, _, _ in
+              tqdm(plan, desc=f"converting {gguf_path.name}", unit="tensor"))
+    write_safetensors(out_dir / "model.safetensors", [(hf, shape) for _, hf, shape in plan], arrays, dtype)
+
+
+def _conversion_plan(reader, dtype: str):
+    """The metadata, HF config, tokenizer, tokenizer config and (gguf name, HF name, HF shape) of each tensor
+    to convert; a ValueError for what the converter (or llama.cpp) refuses."""
+    from . import gguf_tokenizer
+
+    metadata = read_metadata(reader)
+    if metadata.get("split.count", 1) > 1:
+        raise ValueError(f"this is part {metadata.get('split.no', 0) + 1} of a {metadata['split.count']}-part "
+                         "split GGUF; merge the parts first (llama.cpp: llama-gguf-split --merge FIRST_PART OUT)")
+    architecture = metadata.get("general.architecture")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    check_tensor_types(reader.tensors)
+    tensors = {t.name: t for t in reader.tensors}
+    config = hf_config(metadata, tensors) | {"torch_dtype": dtype, "dtype": dtype}
+    check_layer_tensors(tensors, config["num_hidden_layers"], architecture)
     if not gguf_tokenizer.has_vocab(metadata):
-        raise ValueError(f"{gguf_path}: no embedded tokenizer (tokenizer.ggml.tokens and tokenizer.ggml.model are "
-                         "both needed); use a GGUF with its vocabulary")
-    try:  # before the weights: a vocabulary we cannot read fails fast
+        raise ValueError("no embedded tokenizer (tokenizer.ggml.tokens and tokenizer.ggml.model are both needed); "
+                         "use a GGUF with its vocabulary")
+    try:
         tokenizer = gguf_tokenizer.build_tokenizer(architecture, metadata)
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception (e.g. a merge of unknown tokens)
-        raise ValueError(f"{gguf_path}: cannot build a tokenizer from the embedded vocabulary: {e}") from e
-    tokenizer.save(str(out_dir / "tokenizer.json"))
+        raise ValueError(f"cannot build a tokenizer from the embedded vocabulary: {e}") from e
     tok_config = gguf_tokenizer.tokenizer_config(architecture, metadata)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
-
     plan = [(t.name, hf_tensor_name(architecture, t.name), tuple(int(d) for d in reversed(t.shape)))
             for t in reader.tensors if t.name not in _CONFIG_ONLY_TENSORS]
     for gguf_name, hf_name, _ in plan:
         if hf_name is None:
-            raise ValueError(f"{gguf_path}: tensor {gguf_name!r} has no HF counterpart "
-                             f"for architecture {architecture!r}")
-    arrays = (hf_tensor(architecture, config, name, dequantize(tensors[name])) for name, _, _ in
-              tqdm(plan, desc=f"converting {gguf_path.name}", unit="tensor"))
-    write_safetensors(out_dir / "model.safetensors", [(hf, shape) for _, hf, shape in plan], arrays, dtype)
+            raise ValueError(f"tensor {gguf_name!r} has no HF counterpart for architecture {architecture!r}")
+    return metadata, config, tokenizer, tok_config, plan
 
 
 # ---------------------------------------------------------------- reading
@@ -234,11 +237,11 @@ def supported_tensor_types() -> set[str]:
         return {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
 
-def check_tensor_types(path: Path, tensors: Iterable) -> None:
+def check_tensor_types(tensors: Iterable) -> None:
     supported = supported_tensor_types()
     for t in tensors:
         if t.tensor_type.name not in supported:
-            raise ValueError(f"{path}: tensor {t.name!r} has unsupported quantization type {t.tensor_type.name}; "
+            raise ValueError(f"tensor {t.name!r} has unsupported quantization type {t.tensor_type.name}; "
                              f"supported: {', '.join(sorted(supported))}")
 
 
