@@ -38,9 +38,8 @@ class SafetensorsDir:
             files = sorted(p.name for p in model_dir.glob("*.safetensors"))
         if not files:
             raise ValueError(f"no *.safetensors files in {model_dir}")
-        self._handles = []
-        self._owner: dict[str, object] = {}
-        file_of: dict[str, str] = {}
+        self._handles: dict[str, object] = {}
+        self._file_of: dict[str, str] = {}
         for name in files:
             path = model_dir / name
             if not path.exists():
@@ -49,20 +48,20 @@ class SafetensorsDir:
                 handle = safe_open(str(path), framework="numpy")
             except SafetensorError as e:
                 raise ValueError(f"cannot read safetensors file {path}: {e}") from e
-            self._handles.append(handle)
+            self._handles[name] = handle
             for tensor in handle.keys():
-                if tensor in file_of:  # which copy a loader takes would be arbitrary
-                    raise ValueError(f"tensor {tensor!r} is stored twice in {model_dir}: in {file_of[tensor]} and {name}")
-                file_of[tensor] = name
-                self._owner[tensor] = handle
+                if tensor in self._file_of:  # which copy a loader takes would be arbitrary
+                    raise ValueError(f"tensor {tensor!r} is stored twice in {model_dir}: "
+                                     f"in {self._file_of[tensor]} and {name}")
+                self._file_of[tensor] = name
 
     def __contains__(self, name: str) -> bool:
-        return name in self._owner
+        return name in self._file_of
 
     def get(self, name: str) -> np.ndarray:
-        if name not in self._owner:
+        if name not in self._file_of:
             raise ValueError(f"missing tensor {name!r} in the checkpoint")
-        handle = self._owner[name]
+        handle = self._handles[self._file_of[name]]
         try:
             dtype = handle.get_slice(name).get_dtype()
             if dtype not in FLOAT_TENSOR_DTYPES:
