@@ -31,7 +31,8 @@ from nanovllm_jax.hugepages import advise_huge_pages
 from nanovllm_jax.layers.attention_kernel import query_tile
 from nanovllm_jax.layers.sampler import SAMPLER_KINDS, SampleOutput, sample
 from nanovllm_jax.loader import DTYPES, load_model
-from nanovllm_jax.runner import MAX_BANNED_IDS, SamplingBatch, StepBatch, StepOutput, allocating_kv_cache
+from nanovllm_jax.runner import (MAX_BANNED_IDS, SamplingBatch, StepBatch, StepOutput, allocating_kv_cache,
+                                 kv_block_bytes)
 from nanovllm_jax.step_packing import SeqLayout, StepLayout
 
 log = logging.getLogger(__name__)
@@ -272,8 +273,8 @@ class JaxRunner:
 
     def _block_bytes(self) -> int:
         mc = self.model_config
-        kv = 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim
-        return kv * jnp.dtype(self.cache_dtype).itemsize + self.block_size * 4
+        return kv_block_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.block_size,
+                              jnp.dtype(self.cache_dtype).itemsize)
 
     def _blocks_from_budget(self) -> int:
         config = self.config

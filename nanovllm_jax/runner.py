@@ -100,6 +100,11 @@ class ModelRunner(Protocol):
         ...
 
 
+def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, itemsize: int) -> int:
+    """Memory of one KV block: its K and V rows in every layer, and its int32 token ids (for penalties)."""
+    return 2 * num_layers * num_kv_heads * block_size * head_dim * itemsize + block_size * 4
+
+
 @contextmanager
 def allocating_kv_cache(num_blocks: int, block_size: int, block_bytes: int,
                         out_of_memory: tuple[type[Exception], ...] = (MemoryError, ValueError)) -> Iterator[None]:

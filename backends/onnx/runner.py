@@ -16,7 +16,7 @@ from backends.onnx.export import DATA_FILE, FORMAT_VERSION, METADATA_FILE, MODEL
 from backends.onnx.step_inputs import pack_group, row_groups, token_rows
 from backends.sampler import sample
 from nanovllm_jax.config import EngineConfig, is_count, read_json_object
-from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput, allocating_kv_cache
+from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput, allocating_kv_cache, kv_block_bytes
 
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
@@ -55,7 +55,7 @@ class OnnxRunner(HostRunner):
 
     def _block_bytes(self) -> int:
         m = self.meta
-        return 2 * m["num_layers"] * self.block_size * m["num_kv_heads"] * m["head_dim"] * 4 + self.block_size * 4
+        return kv_block_bytes(m["num_layers"], m["num_kv_heads"], m["head_dim"], self.block_size, 4)
 
     def _num_blocks(self, config: EngineConfig) -> int:
         if config.num_kvcache_blocks is not None:
