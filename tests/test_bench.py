@@ -48,6 +48,7 @@ def test_speedup_is_the_median_of_per_round_ratios():
     assert bench.median_ratio(rounds, 0, 1) == 3.0  # ratios 2, 3, 5 (not 20 / 5 from the medians)
     assert bench.median_round(rounds, 0)["output_tok_s"] == 20
     assert bench.median_round(rounds[:2], 1)["output_tok_s"] == 5  # the lower of two
+    assert bench.median_ratio(rounds[:2], 0, 1) == 2.0  # the lower of two as well, not their mean 2.5
 
 
 def test_bench_workload_is_seeded():
@@ -58,7 +59,8 @@ def test_bench_workload_is_seeded():
 
 
 @pytest.mark.parametrize("argv", [["--backend", "tpu"], ["--min-input-len", "9", "--max-input-len", "3"],
-                                  ["--backend", "mock", "--compare", "hf"], ["--rounds", "0"], ["--num-seqs", "0"],
+                                  ["--backend", "mock", "--compare", "hf"],
+                                  ["--backend", "jax,mock", "--compare", "hf"], ["--rounds", "0"], ["--num-seqs", "0"],
                                   ["--num-seqs", "-3"], ["--max-num-seqs", "0"], ["--max-num-batched-tokens", "-1"],
                                   ["--block-size", "0"], ["--temperature", "-0.5"], ["--backend", "mock,mock"],
                                   ["--backend", "mock", "--random-weights", "qwen3-0.6b"], ["--json", "/"], ["--json", __file__ + "/out.json"],
