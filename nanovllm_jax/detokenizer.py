@@ -24,9 +24,10 @@ class IncrementalDetokenizer:
         prefix_text = self._prefix()
         full_text = self.tokenizer.decode(self.tokens[self.prefix_offset :])
         if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
-            if full_text == prefix_text and not self.tokenizer.decode([token_id]):
+            if full_text == prefix_text and not self.tokenizer.decode([token_id, token_id]):
                 # no text in any context (a skipped special token, an id past the vocabulary): kept in
-                # the window, a run of them would make each decode longer than the last
+                # the window, a run of them would make each decode longer than the last. Decoded twice, as
+                # a decoder that strips the text's leading space (Llama 2's) makes a lone "▁" read as none
                 self.tokens.pop()
             return ""
         new_text = full_text[len(prefix_text) :]

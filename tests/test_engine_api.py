@@ -1081,3 +1081,33 @@ def test_get_output_of_a_running_request_is_a_snapshot(llm):
     final = engine.release(rid)
     assert len(snapshot.logprobs) == len(snapshot.token_ids) and len(final.logprobs) == len(final.token_ids) == 6
     assert final.logprobs[: len(snapshot.logprobs)] == snapshot.logprobs
+
+
+def _llama2_style_tokenizer():
+    """Llama 2's kind of tokenizer.json: "▁" for spaces, byte fallback, a decoder stripping the leading space."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from nanovllm_jax.tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "▁": 259, "▁the": 260}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return HFTokenizer(tok, eos_token_ids=[2], bos_token_id=1)
+
+
+def _detokenize(tok, prompt: list[int], output: list[int]) -> str:
+    from nanovllm_jax.detokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(tok, prompt)
+    return "".join(detok.add(t) for t in output) + detok.flush()
+
+
+def test_detokenizer_keeps_spaces_a_decoder_strips_from_a_lone_space_token():
+    """Llama 2's decoder strips the leading space, so "▁" alone decodes to nothing: after a prompt without
+    text (the BOS alone) it must still not be taken for a token without text, as vLLM keeps it."""
+    tok = _llama2_style_tokenizer()
+    output = [259, 259, 260]  # "▁", "▁", "▁the"
+    for prompt in ([1], [1, tok.vocab_size + 7]):
+        assert _detokenize(tok, prompt, output) == tok.decode(prompt + output) == "  the"
