@@ -38,7 +38,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end, emit whatever is left (an incomplete character decodes as U+FFFD)."""
-        rest = self.tokenizer.decode(self.tokens[self.prefix_offset :])[len(self._prefix()) :]
+        prefix_text = self._prefix()  # first: it may move the window's start
+        rest = self.tokenizer.decode(self.tokens[self.prefix_offset :])[len(prefix_text) :]
         self.read_offset, self._prefix_text = len(self.tokens), None
         self.text += rest
         return rest
@@ -46,4 +47,12 @@ class IncrementalDetokenizer:
     def _prefix(self) -> str:
         if self._prefix_text is None:
             self._prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+            # A window starting inside a character (the prompt's last 6 tokens may) must start at its first
+            # byte: byte fallback decodes a run of byte tokens that is not valid UTF-8 as a whole all as
+            # U+FFFD, the new tokens' bytes too. A character has at most 3 more bytes.
+            for _ in range(3):
+                if self.prefix_offset == 0 or not self._prefix_text.startswith("\ufffd"):
+                    break
+                self.prefix_offset -= 1
+                self._prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
         return self._prefix_text

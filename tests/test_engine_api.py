@@ -1111,3 +1111,14 @@ def test_detokenizer_keeps_spaces_a_decoder_strips_from_a_lone_space_token():
     output = [259, 259, 260]  # "▁", "▁", "▁the"
     for prompt in ([1], [1, tok.vocab_size + 7]):
         assert _detokenize(tok, prompt, output) == tok.decode(prompt + output) == "  the"
+
+
+def test_detokenizer_window_starts_at_a_character_boundary():
+    """The prompt's last 6 tokens may start inside a character; with byte fallback a run of byte tokens
+    that is not valid UTF-8 decodes all as U+FFFD, so an output starting with byte tokens (an emoji
+    after an emoji) came out as U+FFFDs."""
+    tok = _llama2_style_tokenizer()
+    fox, grin = [3 + b for b in "🦊".encode()], [3 + b for b in "😀".encode()]
+    prompt, output = [1, 259] + fox + fox, grin + [260]
+    assert _detokenize(tok, prompt, output) == "😀 the"
+    assert _detokenize(tok, prompt, []) == ""
