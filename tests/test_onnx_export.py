@@ -167,6 +167,7 @@ def test_quantized_checkpoints_are_refused(tmp_path, monkeypatch):
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "unsupported rope_type 'yarn'"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}), "partial"),
     (dict(num_attention_heads=4, num_key_value_heads=3), r"\(4\) is not a multiple of num_key_value_heads \(3\)"),
+    (dict(mlp_bias=True), "mlp_bias=true is unsupported"),
     (dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], num_attention_heads=4,
           num_key_value_heads=3), "not a multiple"),
 ])

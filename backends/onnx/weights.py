@@ -36,14 +36,13 @@ def layer_weights(w: SafetensorsDir, i: int, spec: ModelSpec) -> dict[str, np.nd
     """Graph weights of decoder layer i (HF Llama/Qwen2/Qwen3/Gemma 3 names); optional ones are None.
 
     Which optional tensors a layer has (biases, q/k norms, Gemma's sandwich norms) follows the config, as in
-    the JAX backend and transformers: a checkpoint's other tensors are ignored, a missing one is an error.
+    the JAX backend and transformers: a checkpoint's other tensors are ignored, a missing one is an error
+    (the config parser shared with the JAX backend refuses mlp_bias=true).
     q/k/v and gate/up are fused so that each layer runs two input matmuls instead of five.
     Linear weights keep HF's [out, in] layout; the graph multiplies with transB.
     """
     p = f"{w.prefix}layers.{i}."
     attn, mlp = p + "self_attn.", p + "mlp."
-    if mlp + "gate_proj.bias" in w:
-        raise ValueError("MLP biases (mlp_bias=True) are not supported by the ONNX exporter")
     qkv = [w.get(attn + f"{n}_proj.weight") for n in "qkv"]
     # Gemma 3 norms both sides of attention and MLP ("sandwich"); Llama/Qwen only their inputs
     sandwich = spec.architecture == "gemma3_text"
