@@ -1122,3 +1122,37 @@ def test_detokenizer_window_starts_at_a_character_boundary():
     prompt, output = [1, 259] + fox + fox, grin + [260]
     assert _detokenize(tok, prompt, output) == "😀 the"
     assert _detokenize(tok, prompt, []) == ""
+
+
+def _byte_level_tokenizer():
+    """Qwen's / Llama 3's kind of tokenizer.json: byte-level BPE (here without merges: a token per byte)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from nanovllm_jax.tokenizer import HFTokenizer
+
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return HFTokenizer(tok, eos_token_ids=[])
+
+
+def test_detokenizer_prompt_ending_inside_a_character():
+    """A prompt of token ids may end inside a character (cut from an output that max_tokens stopped inside
+    an emoji): the output's bytes that complete it make it output text, as vLLM's DecodeStream primed with
+    the prompt emits it. Its U+FFFDs were dropped with the character, or took the output's first text."""
+    tok = _byte_level_tokenizer()
+    prompt = tok.encode("a 🦊")
+    prompt, output = prompt[:-1], prompt[-1:] + tok.encode("🦊 x")
+    assert _detokenize(tok, prompt, output) == "🦊🦊 x"
+    assert _detokenize(tok, prompt[:-1], prompt[-1:] + output[:1]) == "🦊"  # completed by the last token: flush
+    # a U+FFFD the prompt holds as a character stays prompt text, before an unfinished character too
+    assert _detokenize(tok, tok.encode("x\ufffd"), tok.encode(" y")) == " y"
+    ids = tok.encode("x\ufffd🦊")
+    assert _detokenize(tok, ids[:-2], ids[-2:]) == "🦊"
+
+    tok = _llama2_style_tokenizer()
+    fox, grin = [3 + b for b in "🦊".encode()], [3 + b for b in "😀".encode()]
+    assert _detokenize(tok, [1, 259] + fox[:2], fox[2:] + [260]) == "🦊 the"
+    # the window (the prompt's last 6 tokens) starts at the grin's first byte, though the byte run that
+    # ends unfinished decodes all as U+FFFD
+    assert _detokenize(tok, [1, 259] + grin + grin + fox[:2], fox[2:]) == "🦊"
