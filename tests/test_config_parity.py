@@ -181,7 +181,7 @@ def test_fields_a_config_leaves_out_take_transformers_defaults(family):
     ours, theirs = llama.parse_config(raw), transformers.AutoConfig.for_model(**raw)
     head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads  # as modeling_*
     assert (ours.num_kv_heads, ours.head_dim) == (theirs.num_key_value_heads, head_dim)
-    assert ours.sliding_window == getattr(theirs, "sliding_window", None)
+    assert ours.layer_windows == (getattr(theirs, "sliding_window", None),) * 2
     assert (ours.rms_norm_eps, ours.rope_theta, ours.tie_word_embeddings) == (
         theirs.rms_norm_eps, theirs.rope_parameters["rope_theta"], theirs.tie_word_embeddings)
 
@@ -205,3 +205,30 @@ def test_a_config_without_model_type_is_its_architectures(tmp_path, family):
     model = PagedModel(model_dir, stacked=False, num_seqs=1)
     got = np.concatenate([model.step({0: IDS[:20]})[0], model.step({0: IDS[20:]})[0]])
     assert rel_err(got, expected) < 1e-4
+
+
+def _jax_logits(model_dir: Path, stacked: bool) -> np.ndarray:
+    model = PagedModel(model_dir, stacked=stacked, num_seqs=1)
+    return np.concatenate([model.step({0: IDS[:20]})[0], model.step({0: IDS[20:]})[0]])
+
+
+@pytest.mark.parametrize("family, window", [("Qwen2", dict(max_window_layers=1)), ("Qwen3", dict(
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"]))])
+def test_qwen_sliding_window_layers(tmp_path, family, window):
+    """use_sliding_window: the layers from max_window_layers on (or those layer_types names) attend within the
+    window, in transformers and vLLM; it was refused. Both backends, scanned layers and unrolled."""
+    raw = dict(BASE, architectures=[f"{family}ForCausalLM"], model_type=family.lower(), head_dim=16,
+               num_hidden_layers=3, use_sliding_window=True, sliding_window=8, **window)
+    model_dir = build(tmp_path / "model", raw)
+    assert_backends_match_transformers(model_dir)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([IDS])).logits[0].numpy()
+    assert rel_err(_jax_logits(model_dir, stacked=True), expected) < 1e-4  # the window as per-layer data
+    (model_dir / "config.json").write_text(json.dumps(raw | dict(use_sliding_window=False)))
+    assert rel_err(_jax_logits(model_dir, stacked=True), expected) > 1e-2  # the window matters here
+
+
+def test_mistral_runs_on_both_backends(tmp_path):
+    raw = dict(BASE, architectures=["MistralForCausalLM"], model_type="mistral", head_dim=16, sliding_window=8)
+    assert_backends_match_transformers(build(tmp_path / "model", raw))

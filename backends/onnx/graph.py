@@ -7,7 +7,7 @@ Inputs (T new tokens of S sequences; Q = longest query of the step; G = query he
   block_ids              i64[S, B]      the blocks holding each sequence's cached context (padding: 0)
   attn_bias              f32[1, S, Q*G, B*bs + Q]  0 where query row q*G+g may attend a key, else -1e30;
                                         keys are the B*bs cached columns, then this step's Q rows
-  attn_bias_local        like attn_bias, cut to the last sliding_window positions (Gemma 3 with a window only)
+  attn_bias_local        like attn_bias, cut to the last sliding_window positions (models with sliding layers only)
   logits_indices         i64[S]
   k_cache, v_cache       f32[L, KVH, num_blocks, bs, D]  read-only here: the runner owns and writes them
 Outputs:

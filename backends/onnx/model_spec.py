@@ -1,4 +1,4 @@
-"""The shape of a decoder-only model, read from an HF config.json (Llama, Qwen2, Qwen3, Gemma 3 text)."""
+"""The shape of a decoder-only model, read from an HF config.json (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -8,7 +8,7 @@ import numpy as np
 
 from nanovllm_jax import loader
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,11 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         raise ValueError(f"the ONNX exporter supports {', '.join(SUPPORTED_MODEL_TYPES)}; "
                          f"got model_type={text.get('model_type')!r}")
     cfg = llama.parse_config(text)
-    return ModelSpec(architecture=text["model_type"], **_shape(cfg),
-                     rope=_rope_params(dict(cfg.rope_scaling or ()), cfg.rope_theta),
+    rope = _rope_params(dict(cfg.rope_scaling or ()), cfg.rope_theta)
+    window = next((w for w in cfg.layer_windows if w is not None), None)  # the family has one window size
+    return ModelSpec(architecture=text["model_type"], **_shape(cfg), rope=rope, sliding_window=window,
+                     layer_types=tuple("full" if w is None else "sliding" for w in cfg.layer_windows) if window else (),
+                     rope_local=rope if window else None,  # the same RoPE on both kinds of layers
                      qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm)
 
 

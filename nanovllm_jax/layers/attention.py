@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from nanovllm_jax.layers.attention_kernel import paged_attention_kernel
 from nanovllm_jax.layers.online_softmax import MASKED, fold
 
+NO_WINDOW = 1 << 30  # a window longer than any context: full attention as per-layer data
+
 
 @partial(jax.tree_util.register_dataclass,
          data_fields=["positions", "seq_ids", "cached_lens", "block_tables", "query_tiles"],

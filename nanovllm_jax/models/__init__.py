@@ -61,6 +61,22 @@ def config_parser(parse: Callable[[dict], Config]) -> Callable[[dict], Config]:
     return checked
 
 
+def sliding_layers(hf: dict, is_sliding: Callable[[int], bool]) -> tuple[bool, ...]:
+    """Per layer, whether it attends within a sliding window: the config's layer_types, else the family's
+    rule `is_sliding(layer)` (as transformers 5 fills layer_types in). Empty where num_hidden_layers is
+    not a count: config_parser refuses that field itself."""
+    n = hf["num_hidden_layers"]
+    n = int(n) if isinstance(n, float) and n.is_integer() else n
+    if not is_count(n):
+        return ()
+    types = hf.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if is_sliding(i) else "full_attention" for i in range(n)]
+    if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"config field layer_types={types!r} does not list {n} sliding/full_attention layers")
+    return tuple(t == "sliding_attention" for t in types)
+
+
 # architecture name -> module path; other families register here (e.g. Gemma 3).
 REGISTRY: dict[str, str] = {
     "Gemma3ForCausalLM": "nanovllm_jax.models.gemma3",

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax.layers.activation import gelu_and_mul
-from nanovllm_jax.layers.attention import paged_attention
+from nanovllm_jax.layers.attention import NO_WINDOW, paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
-from nanovllm_jax.models import ForwardInputs, config_parser
+from nanovllm_jax.models import ForwardInputs, config_parser, sliding_layers
 from nanovllm_jax.models.llama import (GetTensor, check_head_groups, layer_stacker, output_head, projection_params,
                                        write_kv)
 
@@ -32,7 +32,6 @@ ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 # passes 1e5 by layer 8 (bf16 and f32 hold it), so every logit is NaN, in transformers' float16 too.
 FLOAT16_UNSUPPORTED = "Gemma 3's activations outgrow float16's range: the 270M's logits come out all NaN"
 
-NO_WINDOW = 1 << 30  # the window of full-attention layers: longer than any context
 _GELU = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": True, "gelu": False}  # -> tanh approximation?
 
 
@@ -87,13 +86,8 @@ def parse_config(hf: dict) -> Gemma3Config:
     act = hf.get("hidden_activation") or hf.get("hidden_act")
     if act not in _GELU:
         raise ValueError(f"config field hidden_activation={act!r} is unsupported (supported: {', '.join(_GELU)})")
-    n = hf["num_hidden_layers"]
-    types = hf.get("layer_types")
-    if types is None:  # 4.x: every `sliding_window_pattern`-th layer is global
-        pattern = hf["sliding_window_pattern"]
-        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
-        raise ValueError(f"config field layer_types={types!r} does not list {n} sliding/full_attention layers")
+    # 4.x: every `sliding_window_pattern`-th layer is global
+    sliding = sliding_layers(hf, lambda i: (i + 1) % hf["sliding_window_pattern"] != 0)
 
     # As transformers 5 reads them: 5.x's rope_parameters holds one dict per layer type; a 4.x rope_scaling
     # updates the full-attention layers' (default) dict; the thetas default to rope_theta / rope_local_base_freq.
@@ -127,14 +121,14 @@ def parse_config(hf: dict) -> Gemma3Config:
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
-        num_layers=n,
+        num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=float(hf["rms_norm_eps"]),
         max_position_embeddings=hf["max_position_embeddings"],
         sliding_window=hf.get("sliding_window"),
-        sliding_layers=tuple(t == "sliding_attention" for t in types),
+        sliding_layers=sliding,
         rope_local=tuple(sorted(rope_local.items())),
         rope_global=tuple(sorted(rope_global.items())),
         query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),

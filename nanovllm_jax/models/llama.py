@@ -1,7 +1,8 @@
 """Llama-family decoders (Llama 2/3.x, Mistral, Qwen2, Qwen3) as one pure function over a params pytree.
 
 The families differ only in small switches: Qwen2 adds q/k/v biases, Qwen3 RMS-normalizes q and k
-per head, Llama 3.x rescales RoPE frequencies, Mistral attends within a sliding window. Layer weights
+per head, Llama 3.x rescales RoPE frequencies, Mistral (and Qwen with use_sliding_window) attends within a
+sliding window. Layer weights
 come either stacked on a leading axis (run under lax.scan: ~4x faster to compile) or as a list of
 per-layer dicts (unrolled: on XLA:CPU ~4x faster to run, since scan copies each layer's weight slice
 before its matmul). The KV cache is a carry that each layer scatters its new K/V into in place.
@@ -16,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanovllm_jax.layers.activation import silu_and_mul
-from nanovllm_jax.layers.attention import paged_attention
+from nanovllm_jax.layers.attention import NO_WINDOW, paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
-from nanovllm_jax.models import ForwardInputs, config_parser
+from nanovllm_jax.models import ForwardInputs, config_parser, sliding_layers
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -42,7 +43,7 @@ class LlamaConfig:
     qkv_bias: bool  # Qwen2, or attention_bias
     o_bias: bool  # attention_bias (Llama / Qwen3 option)
     qk_norm: bool  # Qwen3
-    sliding_window: int | None  # Mistral: keys within this many positions of the query
+    layer_windows: tuple[int | None, ...]  # per layer: keys within this many positions of the query, or all
 
     @property
     def q_size(self) -> int:
@@ -74,8 +75,6 @@ def parse_config(hf: dict) -> LlamaConfig:
         raise ValueError(f"config field hidden_act={hf['hidden_act']!r} is unsupported (only silu)")
     if hf.get("mlp_bias"):
         raise ValueError("config field mlp_bias=true is unsupported")
-    if hf.get("use_sliding_window"):
-        raise ValueError("config field use_sliding_window=true is unsupported for this architecture")
     # As transformers 5 reads them: a legacy rope_scaling replaces rope_parameters, and the rope_theta inside
     # the dict in use wins over a top-level one; llama3 scaling's pretraining length is a top-level
     # original_max_position_embeddings (Phi-3 style), else the dict's, else max_position_embeddings.
@@ -110,9 +109,19 @@ def parse_config(hf: dict) -> LlamaConfig:
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=attention_bias,
         qk_norm=model_type == "qwen3",
-        # Mistral configs carry no use_sliding_window flag: their window (4096 where absent) always applies
-        sliding_window=hf.get("sliding_window", 4096) if model_type == "mistral" else None,
+        layer_windows=_layer_windows(hf, model_type),
     )
+
+
+def _layer_windows(hf: dict, model_type: str) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention), as transformers 5 reads the config."""
+    if model_type == "mistral":  # no use_sliding_window flag: its window (4096 where absent) always applies
+        window, is_sliding = hf.get("sliding_window", 4096), lambda i: True
+    elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):  # from max_window_layers on
+        window, is_sliding = hf.get("sliding_window", 4096), lambda i: i >= hf.get("max_window_layers", 28)
+    else:
+        window, is_sliding = None, lambda i: False
+    return tuple(window if sliding else None for sliding in sliding_layers(hf, is_sliding))
 
 
 # ---- weights: HF names -> params pytree, in this one place -----------------------------------
@@ -235,7 +244,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
     scale = cfg.head_dim ** -0.5
     cos, sin = rope_angles(meta.positions, params["rope_inv_freq"])
 
-    def layer_step(carry, w):
+    def layer_step(carry, w, window):
         x, k_cache, v_cache, layer = carry
         h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
         qkv = linear(h, w["w_qkv"])
@@ -250,8 +259,7 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
             k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, inputs.slot_mapping, k, v)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer,
-                            sliding_window=cfg.sliding_window)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, scale=scale, layer=layer, sliding_window=window)
         o = linear(o.reshape(t, cfg.q_size), w["w_o"])
         if cfg.o_bias:
             o = o + w["b_o"]
@@ -264,12 +272,16 @@ def forward(params: dict, k_cache: jax.Array, v_cache: jax.Array, inputs: Forwar
     # The layer index rides in the carry: scanned as data, each layer would slice it out of an array
     # (one more kernel per layer on a GPU). Unrolled, XLA folds it to constants.
     carry = (x, k_cache, v_cache, jnp.int32(0))
+    windows = cfg.layer_windows
     if isinstance(params["layers"], (list, tuple)):  # per-layer arrays, unrolled (see loader.to_device)
-        step = jax.jit(layer_step)  # traced once, called per layer; XLA inlines the calls
-        for w in params["layers"]:
-            carry, _ = step(carry, w)
-    else:  # stacked on axis 0: lax.scan, ~4x faster to compile
-        carry, _ = jax.lax.scan(layer_step, carry, params["layers"])
+        step = jax.jit(layer_step, static_argnums=2)  # traced once per window; XLA inlines the calls
+        for w, window in zip(params["layers"], windows):
+            carry, _ = step(carry, w, window)
+    elif len(set(windows)) == 1:  # stacked on axis 0: lax.scan, ~4x faster to compile
+        carry, _ = jax.lax.scan(lambda c, w: layer_step(c, w, windows[0]), carry, params["layers"])
+    else:  # layers of both kinds (Qwen's use_sliding_window): the window is per-layer data
+        per_layer = jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
+        carry, _ = jax.lax.scan(lambda c, xs: layer_step(c, *xs), carry, (params["layers"], per_layer))
     x, k_cache, v_cache, _ = carry
     h = rms_norm(x[inputs.logits_indices], params["norm"], cfg.rms_norm_eps)
     logits = linear(h, params.get("lm_head", params["embed"]), jnp.float32)
