@@ -32,7 +32,6 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the leading full computed blocks
         self.finish_reason: str | None = None
-        self.logprobs: list[dict] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)
