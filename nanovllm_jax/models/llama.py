@@ -203,10 +203,8 @@ def random_params(cfg: LlamaConfig, dtype: str = "float32", seed: int = 0, std: 
                   stacked: bool = False) -> dict:
     """Random weights in the pytree layout, for benchmarks that need no checkpoint on disk."""
     rng = np.random.default_rng(seed)
-    shapes = {}
 
     def fake(name: str, shape: tuple) -> np.ndarray:
-        shapes[name] = shape
         if name.endswith("norm.weight"):
             return np.ones(shape, np.float32)
         return (rng.standard_normal(shape, dtype=np.float32) * std)
