@@ -408,19 +408,16 @@ class LLMEngine:
     def _found_stop_string(self, request: _Request) -> bool:
         """Whether the text not searched yet holds a stop string (then the text is cut there). As in vLLM,
         the text of the first min_tokens tokens ends none: it is passed over unsearched."""
-        seq, params = request.seq, request.seq.params
-        found = bool(params.stop) and seq.num_output_tokens > params.min_tokens and self._find_stop_string(request)
-        request.searched = len(request.detokenizer.text)
-        return found
-
-    def _find_stop_string(self, request: _Request) -> bool:
-        text = request.detokenizer.text
-        # Text already streamed is never taken back, so a stop string can only start after it; and it ends
-        # in the text not searched yet (what was searched held none, or was passed over under min_tokens).
-        hits = [k for k in (text.find(s, max(request.emitted, request.searched - len(s) + 1))
-                            for s in request.seq.params.stop) if k >= 0]
+        seq, params, text = request.seq, request.seq.params, request.detokenizer.text
+        hits = []
+        if params.stop and seq.num_output_tokens > params.min_tokens:
+            # Text already streamed is never taken back, so a stop string can only start after it; and it ends
+            # in the text not searched yet (what was searched held none, or was passed over under min_tokens).
+            hits = [k for k in (text.find(s, max(request.emitted, request.searched - len(s) + 1))
+                                for s in params.stop) if k >= 0]
         if hits:
             request.text_end = min(hits)
+        request.searched = len(text)
         return bool(hits)
 
     def _take_delta(self, request: _Request) -> StreamDelta:
