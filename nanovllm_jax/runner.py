@@ -127,6 +127,15 @@ class Done:
         return self.output
 
 
+def read_contexts(token_cache: np.ndarray, batch: StepBatch, block_size: int) -> list[np.ndarray]:
+    """Each sequence's context token ids, read from a host backend's token cache through its block table."""
+    contexts = []
+    for block_table, context_len in zip(batch.block_tables, batch.context_lens.tolist()):
+        pos = np.arange(context_len)
+        contexts.append(token_cache[block_table[pos // block_size] * block_size + pos % block_size])
+    return contexts
+
+
 class HostRunner:
     """Base of backends that compute a step on the host, inside submit: `execute` sees real input ids."""
 

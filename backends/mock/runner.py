@@ -11,7 +11,7 @@ import xxhash
 
 from backends.sampler import sample
 from nanovllm_jax.config import EngineConfig
-from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput, allocating_kv_cache
+from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput, allocating_kv_cache, read_contexts
 
 MOCK_MAX_MODEL_LEN = 2048  # its default
 MOCK_MODEL_LEN_LIMIT = 1 << 20  # the most it takes: each step's block tables are max_model_len / block_size wide
@@ -38,13 +38,7 @@ class MockRunner(HostRunner):
 
     def execute(self, batch: StepBatch) -> StepOutput:
         self.token_cache[batch.slot_mapping] = batch.input_ids
-        contexts = [self._context(batch.block_tables[s], int(batch.context_lens[s])) for s in range(batch.num_seqs)]
+        contexts = read_contexts(self.token_cache, batch, self.block_size)
+        assert all((c >= 0).all() for c in contexts), "context reads a slot that was never written"
         logits = np.stack([mock_logits(c, self.vocab_size) for c in contexts])
         return sample(logits, batch.sampling, batch.context_lens, contexts)
-
-    def _context(self, block_table: np.ndarray, context_len: int) -> np.ndarray:
-        positions = np.arange(context_len)
-        slots = block_table[positions // self.block_size] * self.block_size + positions % self.block_size
-        context = self.token_cache[slots]
-        assert (context >= 0).all(), "context reads a slot that was never written"
-        return context

@@ -16,7 +16,8 @@ from backends.onnx.export import DATA_FILE, FORMAT_VERSION, METADATA_FILE, MODEL
 from backends.onnx.step_inputs import pack_group, row_groups, token_rows
 from backends.sampler import sample
 from nanovllm_jax.config import EngineConfig, is_count, read_json_object
-from nanovllm_jax.runner import HostRunner, StepBatch, StepOutput, allocating_kv_cache, kv_block_bytes
+from nanovllm_jax.runner import (HostRunner, StepBatch, StepOutput, allocating_kv_cache, kv_block_bytes,
+                                 read_contexts)
 
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
@@ -73,7 +74,7 @@ class OnnxRunner(HostRunner):
         for rows in row_groups(batch):
             logits[rows] = self._run_group(batch, rows)
         self.token_cache[batch.slot_mapping] = batch.input_ids
-        contexts = self._contexts(batch) if batch.sampling.needs_penalties else None
+        contexts = read_contexts(self.token_cache, batch, self.block_size) if batch.sampling.needs_penalties else None
         return sample(logits, batch.sampling, batch.context_lens, contexts)
 
     def _run_group(self, batch: StepBatch, rows: np.ndarray) -> np.ndarray:
@@ -91,14 +92,6 @@ class OnnxRunner(HostRunner):
         self.k_cache[:, :, blocks, offsets] = new_k.transpose(0, 2, 1, 3)  # [L, T, KVH, D] -> [L, KVH, T, D]
         self.v_cache[:, :, blocks, offsets] = new_v.transpose(0, 2, 1, 3)
         return logits
-
-    def _contexts(self, batch: StepBatch) -> list[np.ndarray]:
-        contexts = []
-        for s in range(batch.num_seqs):
-            pos = np.arange(int(batch.context_lens[s]))
-            slots = batch.block_tables[s][pos // self.block_size] * self.block_size + pos % self.block_size
-            contexts.append(self.token_cache[slots])
-        return contexts
 
 
 def _read_metadata(model_dir: Path) -> dict:
