@@ -90,13 +90,14 @@ class BlockManager:
         self.append_blocks(seq, num_new_tokens)
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= self.num_free_blocks
+        return self._blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks
 
     def append_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        for _ in range(needed):
+        for _ in range(self._blocks_to_append(seq, num_new_tokens)):
             seq.block_table.append(self._take_free_block())
+
+    def _blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
+        return self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the hashes of blocks that became full of computed tokens whose ids are known."""
