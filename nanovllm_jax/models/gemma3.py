@@ -116,14 +116,15 @@ def parse_config(hf: dict) -> Gemma3Config:
     # transformers' Gemma3ForConditionalGeneration never applies final_logit_softcapping (null in every
     # released Gemma 3 anyway).
     heads = hf["num_attention_heads"]
-    check_head_groups(heads, hf.get("num_key_value_heads") or heads)
+    kv_heads = hf.get("num_key_value_heads") or heads
+    check_head_groups(heads, kv_heads)
     return Gemma3Config(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        num_kv_heads=kv_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=float(hf["rms_norm_eps"]),
         max_position_embeddings=hf["max_position_embeddings"],
