@@ -135,9 +135,11 @@ def sample(
     raw_logprobs = log_softmax(raw)
     n = min(sampling.num_logprobs, raw.shape[1])
     top = np.stack([ranking(row, n) for row in raw_logprobs]).astype(np.int32)
+    token_logprobs = np.take_along_axis(raw_logprobs, tokens[:, None].astype(np.int64), axis=-1)[:, 0]
     return StepOutput(
         token_ids=tokens,
-        logprobs=np.take_along_axis(raw_logprobs, tokens[:, None].astype(np.int64), axis=-1)[:, 0],
+        logprobs=token_logprobs,
+        ranks=(raw_logprobs >= token_logprobs[:, None]).sum(axis=-1).astype(np.int32),
         top_token_ids=top,
         top_logprobs=np.take_along_axis(raw_logprobs, top.astype(np.int64), axis=-1),
     )

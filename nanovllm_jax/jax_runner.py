@@ -208,6 +208,7 @@ class _Pending:
         return StepOutput(
             token_ids=token_ids,
             logprobs=np.asarray(out.logprobs)[:s],
+            ranks=np.asarray(out.ranks)[:s],
             top_token_ids=np.asarray(out.top_token_ids)[:s, :n],
             top_logprobs=np.asarray(out.top_logprobs)[:s, :n],
         )

@@ -5,11 +5,14 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Logprob:
-    """The sampled token's logprob and the top-N alternatives (token id -> logprob)."""
+    """The sampled token's logprob and rank, and the top-N alternatives (token id -> logprob, ranks
+    1..N in order). As in vLLM, of the model's raw logits (before temperature, penalties, filters and
+    banned ids); rank is how many tokens have a logprob at least the sampled one's (1: the most likely)."""
 
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)
+    rank: int = field(default=0, kw_only=True)
 
 
 @dataclass

@@ -81,6 +81,7 @@ class StepBatch:
 class StepOutput:
     token_ids: np.ndarray  # i32[S]; meaningful where needs_sample
     logprobs: np.ndarray | None = None  # f32[S]; the sampled token's logprob
+    ranks: np.ndarray | None = None  # i32[S]; how many logprobs of the row are >= the sampled token's (vLLM's rank)
     top_token_ids: np.ndarray | None = None  # i32[S, N]
     top_logprobs: np.ndarray | None = None  # f32[S, N]
 

@@ -123,6 +123,20 @@ def test_logprobs_are_log_softmax_of_the_model_logits(llm):
     assert all(lp.top == {} for lp in zero.logprobs)
 
 
+def test_logprobs_carry_the_sampled_tokens_rank(llm):
+    """As vLLM's: how many raw logprobs are >= the sampled token's; 1 for an untied greedy token."""
+    for params, ranks in ((SamplingParams(max_tokens=6, logprobs=2, temperature=5.0, seed=3, ignore_eos=True), set()),
+                          (SamplingParams(max_tokens=3, logprobs=0, **GREEDY), {1})):
+        out = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0]
+        context = [5, 6, 7]
+        for token, lp in zip(out.token_ids, out.logprobs):
+            ref = log_softmax(mock_logits(np.array(context, np.int32), 1024)[None])[0]
+            assert lp.rank == (ref >= ref[token]).sum()
+            context.append(token)
+        got = {lp.rank for lp in out.logprobs}
+        assert got == ranks if ranks else max(got) > 1
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

@@ -370,6 +370,20 @@ def test_banned_ids_do_not_change_the_logprobs_of_either_sampler(data):
         np.testing.assert_allclose(out.logprobs, expected[np.arange(6), out.token_ids], rtol=1e-5, atol=1e-5)
 
 
+def test_both_samplers_rank_the_sampled_token_as_vllm(data):
+    """The sampled token's rank is vLLM's: how many raw logprobs are >= its own (a tie ranks it last),
+    whatever temperature, bans or penalties chose it."""
+    logits, contexts = data
+    logits = np.round(logits / 2).astype(np.float32)  # ties
+    sb = batch(6, num_logprobs=2, temperature=[0.0, 3.0, 3.0, 5.0, 5.0, 0.0], repetition_penalty=[1.5] * 6,
+               banned_token_ids=np.argmax(logits, -1)[:, None])
+    raw = ref.log_softmax(logits)
+    for out in (ref.sample(logits, sb, np.array([len(c) for c in contexts]), contexts), run(logits, sb, contexts)):
+        expected = (raw >= raw[np.arange(6), out.token_ids][:, None]).sum(-1)
+        np.testing.assert_array_equal(out.ranks, expected)
+        assert (expected > 1).all()  # the argmax is banned
+
+
 def test_top_logprobs_break_ties_by_lower_id_and_stop_at_the_vocabulary():
     logits = np.zeros((2, 12), np.float32)
     logits[:, [5, 9]] = 1.0

@@ -47,6 +47,7 @@ class SamplingInputs(NamedTuple):
 class SampleOutput(NamedTuple):
     token_ids: jax.Array  # i32[S]
     logprobs: jax.Array  # f32[S]
+    ranks: jax.Array  # i32[S]; how many logprobs of the row are >= the sampled token's (vLLM's rank)
     top_token_ids: jax.Array  # i32[S, MAX_LOGPROBS]
     top_logprobs: jax.Array  # f32[S, MAX_LOGPROBS]
 
@@ -353,18 +354,19 @@ def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn, kind: str =
         logprobs = jax.nn.log_softmax(raw, axis=-1)
         top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, vocab))
         token_lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-        return token_lp, top_ids.astype(jnp.int32), top_lp
+        ranks = (logprobs >= token_lp[:, None]).sum(axis=-1, dtype=jnp.int32)
+        return token_lp, ranks, top_ids.astype(jnp.int32), top_lp
 
     def without(_):
         n = min(MAX_LOGPROBS, vocab)
-        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, n), jnp.int32),
+        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32), jnp.zeros((rows, n), jnp.int32),
                 jnp.zeros((rows, n), jnp.float32))
 
     if kind == "full":
-        token_lp, top_ids, top_lp = jax.lax.cond(s.use_logprobs != 0, with_logprobs, without, None)
+        token_lp, ranks, top_ids, top_lp = jax.lax.cond(s.use_logprobs != 0, with_logprobs, without, None)
     else:
-        token_lp, top_ids, top_lp = without(None)
-    return SampleOutput(tokens, token_lp, top_ids, top_lp)
+        token_lp, ranks, top_ids, top_lp = without(None)
+    return SampleOutput(tokens, token_lp, ranks, top_ids, top_lp)
 
 
 def _adjusted(raw: jax.Array, s: SamplingInputs, context: ContextFn) -> jax.Array:
