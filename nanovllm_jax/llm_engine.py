@@ -425,8 +425,10 @@ class LLMEngine:
         finished, known = seq.is_finished, seq.num_known_tokens
         # Hold back text that may yet turn out to start a stop string.
         end = max(len(text) - (0 if finished else max(request.max_stop_len - 1, 0)), request.emitted)
+        outputs = slice(request.emitted_until - seq.num_prompt_tokens, known - seq.num_prompt_tokens)
         delta = StreamDelta(seq.seq_id, seq.seq_id, seq.token_ids[request.emitted_until : known],
-                            text[request.emitted : end], finished, seq.finish_reason)
+                            text[request.emitted : end], finished, seq.finish_reason,
+                            None if request.logprobs is None else request.logprobs[outputs])
         request.emitted, request.emitted_until = end, known
         return delta
 

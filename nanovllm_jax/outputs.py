@@ -41,3 +41,4 @@ class StreamDelta:
     text: str
     finished: bool
     finish_reason: str | None = None
+    logprobs: list[Logprob] | None = None  # those of token_ids, where the request asked for logprobs

@@ -399,6 +399,21 @@ def test_stream_matches_generate_including_multibyte_text(llm):
     assert reasons == [o.finish_reason for o in final]
 
 
+def test_stream_deltas_carry_the_logprobs_of_their_tokens(llm):
+    """As vLLM's delta outputs: a stream's only way to its logprobs (it releases each finished request)."""
+    params = [SamplingParams(max_tokens=9, seed=1, logprobs=2, stop=["e "]),
+              SamplingParams(max_tokens=7, seed=2, logprobs=0), SamplingParams(max_tokens=5, seed=3)]
+    final = llm.generate(PROMPTS, params, use_tqdm=False)
+    logprobs = [[], [], None]
+    for delta in llm.stream(PROMPTS, params):
+        if delta.index == 2:
+            assert delta.logprobs is None
+        else:
+            assert [lp.token_id for lp in delta.logprobs] == delta.token_ids
+            logprobs[delta.index] += delta.logprobs
+    assert logprobs == [o.logprobs for o in final]
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.text(min_size=1, max_size=40))
 def test_incremental_detokenizer_never_splits_a_character(llm, text):
