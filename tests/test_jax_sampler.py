@@ -352,8 +352,9 @@ def test_a_row_with_nan_or_inf_logits_takes_its_argmax_in_both_samplers(data, ba
             host = ref.sample(logits, sb, np.array([len(c) for c in contexts]), contexts)
         np.testing.assert_array_equal(host.token_ids, np.full(6, first))
         np.testing.assert_array_equal(run(logits, sb, contexts).token_ids, host.token_ids)
-        if num_logprobs:
-            assert ((host.top_token_ids >= 0) & (host.top_token_ids < vocab)).all()
+        if num_logprobs:  # log_softmax is NaN throughout: both rank NaN as -inf, so the top ids are 0, 1, 2
+            np.testing.assert_array_equal(host.top_token_ids, np.tile(np.arange(3), (6, 1)))
+            np.testing.assert_array_equal(run(logits, sb, contexts).top_token_ids[:, :3], host.top_token_ids)
     for kind, rows in (("greedy", batch(6)), ("plain", batch(6, temperature=[0.0, 1.0, 0.5, 1.0, 0.7, 1.3]))):
         np.testing.assert_array_equal(run(logits, rows, contexts, kind=kind).token_ids, np.full(6, first))
 

@@ -352,7 +352,9 @@ def sample(logits: jax.Array, s: SamplingInputs, context: ContextFn, kind: str =
 
     def with_logprobs(_):
         logprobs = jax.nn.log_softmax(raw, axis=-1)
-        top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, vocab))
+        # NaN ranks as -inf, as in the numpy sampler (lax.top_k puts NaN first, or not, by backend and row length)
+        _, top_ids = jax.lax.top_k(jnp.where(jnp.isnan(logprobs), -jnp.inf, logprobs), min(MAX_LOGPROBS, vocab))
+        top_lp = jnp.take_along_axis(logprobs, top_ids, axis=-1)
         token_lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         ranks = (logprobs >= token_lp[:, None]).sum(axis=-1, dtype=jnp.int32)
         return token_lp, ranks, top_ids.astype(jnp.int32), top_lp
