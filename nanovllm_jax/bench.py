@@ -426,8 +426,6 @@ def _vocab_size(model: str | None) -> int:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

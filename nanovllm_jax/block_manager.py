@@ -67,7 +67,7 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_admit(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> bool:
+    def can_admit(self, cached: list[int], num_new_tokens: int) -> bool:
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
         fresh = self.blocks_needed(len(cached) * self.block_size + num_new_tokens) - len(cached)
         return revived + fresh <= self.num_free_blocks

@@ -148,9 +148,9 @@ class LLMEngine:
                 f"request needs {needed} KV blocks{implied} but the cache holds {self.block_manager.num_blocks}; "
                 "raise num_kvcache_blocks or lower max_tokens"
             )
-        bad_stop = [t for t in params.stop_token_ids if t >= self.runner.vocab_size]
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stop:
-            raise ValueError(f"stop_token_ids must be < vocab size {self.runner.vocab_size}, got {bad_stop}")
+            raise ValueError(f"stop_token_ids must be < vocab size {vocab}, got {bad_stop}")
         banned = len(self._banned_ids(params))
         if banned > MAX_BANNED_IDS:
             raise ValueError(f"with min_tokens, stop_token_ids and the EOS ids ({banned} in all) may number "

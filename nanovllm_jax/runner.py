@@ -19,8 +19,11 @@ import numpy as np
 MAX_BANNED_IDS = 32
 
 
-# SamplingBatch's float fields, in one order for whoever builds or packs them together
-SAMPLING_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+# SamplingBatch's float fields, in one order for whoever builds or packs them together, each with the value
+# that changes nothing (what padding rows hold)
+SAMPLING_FLOAT_NEUTRAL = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+                          "presence_penalty": 0.0, "frequency_penalty": 0.0}
+SAMPLING_FLOAT_FIELDS = tuple(SAMPLING_FLOAT_NEUTRAL)
 
 
 @dataclass(frozen=True)

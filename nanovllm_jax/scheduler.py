@@ -60,7 +60,7 @@ class Scheduler:
             seq = self.waiting[0]
             cached = self.block_manager.match_prefix(seq)
             num_new = self._fit(len(seq) - len(cached) * self.block_manager.block_size, budget)
-            if num_new == 0 or not self.block_manager.can_admit(seq, cached, num_new):
+            if num_new == 0 or not self.block_manager.can_admit(cached, num_new):
                 break
             self.block_manager.admit(seq, cached, num_new)
             self.waiting.popleft()

@@ -20,7 +20,7 @@ from nanovllm_jax.layers.attention import AttentionMetadata
 from nanovllm_jax.layers.attention_kernel import num_tiles, pack_query_tiles
 from nanovllm_jax.layers.sampler import SamplingInputs
 from nanovllm_jax.models import ForwardInputs
-from nanovllm_jax.runner import SAMPLING_FLOAT_FIELDS, StepBatch
+from nanovllm_jax.runner import SAMPLING_FLOAT_FIELDS, SAMPLING_FLOAT_NEUTRAL, StepBatch
 
 _SEQ_INT_FIELDS = ("context_lens", "logits_indices", "prompt_lens", "top_k", "seeds")
 _SEQ_FLAGS = ("use_penalties", "use_logprobs")
@@ -90,9 +90,7 @@ class SeqLayout:
         field("prompt_lens")[:s] = sp.prompt_lens
         field("top_k")[:s] = sp.top_k
         field("seeds")[:s] = sp.seeds.astype(np.uint32).view(np.int32)
-        floats = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                  "presence_penalty": 0.0, "frequency_penalty": 0.0}
-        for name, pad in floats.items():
+        for name, pad in SAMPLING_FLOAT_NEUTRAL.items():
             values = np.full(self.seqs, pad, np.float32)
             values[:s] = getattr(sp, name)
             field(name)[:] = values.view(np.int32)
