@@ -62,6 +62,13 @@ def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def random_weight(rng: np.random.Generator, name: str, shape: tuple, std: float) -> np.ndarray:
+    """Norm weights 1, others normal with `std`: activations keep a sane scale through every layer."""
+    if name.endswith("norm.weight"):
+        return np.ones(shape, np.float32)
+    return rng.standard_normal(shape, dtype=np.float32) * std
+
+
 def build_random_model(name: str, out_dir: Path, seed: int = 0, std: float = 0.02) -> Path:
     """Write `name`'s config, random f32 weights and the SimpleBPE tokenizer into out_dir (once)."""
     if name not in RANDOM_CONFIGS:
@@ -74,12 +81,7 @@ def build_random_model(name: str, out_dir: Path, seed: int = 0, std: float = 0.0
     disk_cache.writable_dir(out_dir.parent, "XDG_CACHE_HOME")  # before the work, not after it
     config = RANDOM_CONFIGS[name]
     rng = np.random.default_rng(seed)
-    tensors = {}
-    for tensor_name, shape in tensor_shapes(config).items():
-        if tensor_name.endswith("norm.weight"):
-            tensors[tensor_name] = np.ones(shape, np.float32)
-        else:
-            tensors[tensor_name] = (rng.standard_normal(shape, dtype=np.float32) * std)
+    tensors = {name: random_weight(rng, name, shape, std) for name, shape in tensor_shapes(config).items()}
     tmp = disk_cache.scratch_path(out_dir.parent, out_dir.name)
     tmp.mkdir()
     try:

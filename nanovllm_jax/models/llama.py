@@ -202,15 +202,11 @@ def output_head(cfg, get: GetTensor, has: Callable[[str], bool], embed: Callable
 def random_params(cfg: LlamaConfig, dtype: str = "float32", seed: int = 0, std: float = 0.02,
                   stacked: bool = False) -> dict:
     """Random weights in the pytree layout, for benchmarks that need no checkpoint on disk."""
-    rng = np.random.default_rng(seed)
-
-    def fake(name: str, shape: tuple) -> np.ndarray:
-        if name.endswith("norm.weight"):
-            return np.ones(shape, np.float32)
-        return (rng.standard_normal(shape, dtype=np.float32) * std)
-
     from nanovllm_jax.loader import to_device
+    from nanovllm_jax.random_models import random_weight
 
+    rng = np.random.default_rng(seed)
+    fake = lambda name, shape: random_weight(rng, name, shape, std)  # noqa: E731
     has = lambda name: name != "lm_head.weight"  # noqa: E731 - a tied config gets no head of its own
     return to_device(load_params(cfg, fake, has), str(jnp.dtype(dtype)), stacked=stacked)
 
