@@ -391,15 +391,13 @@ def _llama3_rope_scaling(freq_factors: np.ndarray, config: dict[str, Any]) -> di
     Only the published Llama 3.x parameters (low 1, high 4, original context 8192) are recognised; the factor
     is the largest divisor in the table. Any other table is refused rather than silently mis-rotated.
     """
+    from nanovllm_jax.layers.rope import rope_inv_freq
+
     factor = float(freq_factors.max())
     candidate = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
-    dim = int(freq_factors.shape[0]) * 2
-    wavelen = 2 * np.pi * config["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    old, low, high = 8192, 1.0, 4.0
-    smooth = (old / wavelen - low) / (high - low)
-    expected = np.where(wavelen < old / high, 1.0,
-                        np.where(wavelen > old / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    dim, theta = int(freq_factors.shape[0]) * 2, config["rope_theta"]
+    expected = rope_inv_freq(dim, theta) / rope_inv_freq(dim, theta, candidate)  # the table these would make
     if not np.allclose(expected, freq_factors, rtol=1e-3):
         raise ValueError("unsupported rope_freqs table in GGUF (not Llama 3.x RoPE scaling)")
     return candidate
