@@ -39,7 +39,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = 0 if seq.max_tokens_in_flight else self._fit(seq.num_uncomputed_tokens, budget)
+            num_new = 0 if seq.last_token_in_flight else self._fit(seq.num_uncomputed_tokens, budget)
             if num_new == 0:
                 i += 1
                 continue

@@ -59,7 +59,7 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def max_tokens_in_flight(self) -> bool:
+    def last_token_in_flight(self) -> bool:
         """The last token max_tokens allows is sampled and not yet read back: nothing more to compute."""
         return self.num_pending > 0 and self.num_sampled_tokens >= self.max_tokens
 
