@@ -26,7 +26,7 @@ import numpy as np
 
 from nanovllm_jax.buckets import bucket_for, step_buckets
 from nanovllm_jax.config import EngineConfig
-from nanovllm_jax.disk_cache import cache_home
+from nanovllm_jax.disk_cache import cache_home, writable_dir
 from nanovllm_jax.hugepages import advise_huge_pages
 from nanovllm_jax.layers.attention_kernel import query_tile
 from nanovllm_jax.layers.sampler import SAMPLER_KINDS, SampleOutput, sample
@@ -99,10 +99,10 @@ def step_layout(tiling: Tiling, model_config, seq: SeqLayout, tokens: int, max_p
 
 def enable_compilation_cache(cache_dir: str | None) -> str:
     """Turn on JAX's persistent compilation cache (process-wide; the first directory set wins)."""
-    path = cache_dir or str(cache_home() / "xla")
+    path = Path(cache_dir) if cache_dir else cache_home() / "xla"
     if not jax.config.jax_compilation_cache_dir:
-        os.makedirs(path, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", path)
+        writable_dir(path, "compilation_cache_dir" if cache_dir else "compilation_cache_dir or XDG_CACHE_HOME")
+        jax.config.update("jax_compilation_cache_dir", str(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return jax.config.jax_compilation_cache_dir

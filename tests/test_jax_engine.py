@@ -246,6 +246,21 @@ def test_a_kv_cache_past_int32_slots_or_memory_is_a_clear_error(model_dirs, xla_
             LLM(str(model_dirs["llama3"]), backend="jax", compilation_cache_dir=xla_cache, num_kvcache_blocks=blocks)
 
 
+def test_an_unwritable_compilation_cache_dir_is_an_os_error_naming_the_setting(tmp_path):
+    from nanovllm_jax.jax_runner import enable_compilation_cache
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a dir")
+    current = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)  # as in a fresh process: the first dir set is used
+    try:
+        with pytest.raises(OSError, match=f"cannot write the cache dir {blocked}/xla .*; set compilation_cache_dir to"):
+            enable_compilation_cache(str(blocked / "xla"))
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", current)
+
+
 def test_an_explicit_kv_budget_wins_on_every_platform():
     from types import SimpleNamespace
 
