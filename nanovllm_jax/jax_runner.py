@@ -290,7 +290,10 @@ class JaxRunner:
             mc = self.model_config
             # room for activations and logits of the largest step
             act = 4 * config.max_num_batched_tokens * (3 * mc.hidden_size + 2 * mc.intermediate_size)
-            act += 4 * 4 * config.max_num_seqs * mc.vocab_size
+            # a step holds no more sequences than tokens: logits rows come from the largest sequence bucket
+            rows = max(seqs for _, seqs in step_buckets(config.max_num_batched_tokens, config.max_num_seqs,
+                                                         self.tiling.smallest_bucket))
+            act += 4 * 4 * rows * mc.vocab_size
             budget = int(limit * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0) - act - (256 << 20)
             cap = None
         blocks = budget // self._block_bytes()

@@ -272,6 +272,27 @@ def test_an_explicit_kv_budget_wins_on_every_platform():
     assert JaxRunner._blocks_from_budget(gpu_runner) == 10
 
 
+def test_the_gpu_kv_budget_reserves_logits_only_for_the_rows_a_step_holds(monkeypatch):
+    """A step has no more sequences than tokens: a max_num_seqs far above max_num_batched_tokens takes
+    no KV memory (10**6 sequences of a 151936-token vocabulary would reserve 2.4 TB of logits)."""
+    from types import SimpleNamespace
+
+    from nanovllm_jax.config import EngineConfig
+    from nanovllm_jax.jax_runner import TILINGS, JaxRunner
+
+    device = SimpleNamespace(memory_stats=lambda: {"bytes_limit": 80 << 30, "bytes_in_use": 2 << 30})
+    monkeypatch.setattr(jax, "devices", lambda: [device])
+    model_config = SimpleNamespace(hidden_size=1024, intermediate_size=3072, vocab_size=151936)
+
+    def blocks(max_num_seqs: int) -> int:
+        config = EngineConfig(max_model_len=4096, max_num_seqs=max_num_seqs, max_num_batched_tokens=512)
+        runner = SimpleNamespace(platform="gpu", config=config, tiling=TILINGS["gpu"], model_config=model_config,
+                                 block_size=16, _block_bytes=lambda: 1 << 20)
+        return JaxRunner._blocks_from_budget(runner)
+
+    assert 0 < blocks(10**6) == blocks(4096) == blocks(512) < blocks(256)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux's memory-mapping limit")
 def test_too_few_memory_mappings_left_is_a_clear_error(model_dirs, xla_cache, monkeypatch):
     """Past vm.max_map_count XLA:CPU's JIT fails to allocate and the process crashes: the runner
