@@ -329,6 +329,25 @@ def test_step_buckets_start_at_the_platform_smallest():
     assert step_buckets(8, 4, 16) == [(16, 4)]  # a GPU step pads up to 16 tokens whatever the budget
 
 
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_a_budget_of_no_power_of_two_keeps_its_tilings_attention_blocks(model_dirs, xla_cache, monkeypatch, platform):
+    """A step's attention walks its tokens in blocks of gcd(tokens, token_block): the budget's bucket is
+    rounded up, so that a 500-token budget does not walk them 4 at a time (its prefill ran 5x slower)."""
+    from nanovllm_jax import jax_runner
+
+    tiling = jax_runner.TILINGS[platform]
+    monkeypatch.setitem(jax_runner.TILINGS, "cpu", tiling)
+    monkeypatch.setattr(jax_runner.JaxRunner, "_programs", lambda self, tokens, kind: None)  # the layouts only
+    monkeypatch.setattr(jax_runner.JaxRunner, "_run_each_program_once", lambda self: None)
+    for budget in (17, 100, 500):
+        runner = LLM(str(model_dirs["qwen3"]), backend="jax", compilation_cache_dir=xla_cache, max_num_seqs=8,
+                     max_num_batched_tokens=budget).engine.runner
+        top = runner.buckets[-1][0]
+        assert budget <= top < 2 * budget
+        largest = runner._layout(top)
+        assert largest.token_block >= min(tiling.token_block, runner.buckets[-2][0])  # the bucket before: a power of two
+
+
 def test_attention_path_choice(monkeypatch):
     assert not tiling_for("cpu").kernel and tiling_for("gpu").kernel
     monkeypatch.setenv("NANOVLLM_JAX_ATTENTION", "xla")
