@@ -12,7 +12,7 @@ class EngineConfig:
     model: str | None = None
     backend: str = "jax"
     max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int | None = None  # None: 512, or max_model_len without chunked prefill
     max_model_len: int | None = None  # None: the model's limit (capped at 4096), or 2048 for the mock
     kvcache_block_size: int = 16
     num_kvcache_blocks: int | None = None  # None: as many as the runner's memory budget holds
@@ -46,7 +46,8 @@ class EngineConfig:
         if self.backend not in self.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(self.BACKENDS)}")
         _require_int("max_num_seqs", self.max_num_seqs, 1)
-        _require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if self.max_num_batched_tokens is not None:
+            _require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         if self.max_model_len is not None:
             _require_int("max_model_len", self.max_model_len, 1)
         bs = self.kvcache_block_size
@@ -78,6 +79,8 @@ class EngineConfig:
             self.max_model_len = min(model_max_len, 4096)
         elif self.max_model_len > model_max_len:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's limit of {model_max_len}")
+        if self.max_num_batched_tokens is None:  # as in vLLM, a step without chunking takes any whole prompt
+            self.max_num_batched_tokens = 512 if self.enable_chunked_prefill else max(512, self.max_model_len)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) must be "

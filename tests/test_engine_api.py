@@ -323,6 +323,15 @@ def test_bad_engine_arguments():
     assert LLM(backend="mock").config.max_model_len == 2048
 
 
+def test_without_chunked_prefill_the_default_token_budget_takes_a_whole_prompt():
+    """As in vLLM: the budget's default (512) was below max_model_len, so enable_chunked_prefill=False alone
+    refused to start on any model longer than 512 tokens."""
+    llm = LLM(backend="mock", enable_chunked_prefill=False, max_model_len=2048)
+    assert llm.config.max_num_batched_tokens == 2048
+    assert len(llm.generate([[1] * 1500], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0].token_ids) == 4
+    assert LLM(backend="mock", max_model_len=2048).config.max_num_batched_tokens == 512
+
+
 def test_a_token_budget_past_what_any_step_holds_is_cut_to_it():
     llm = LLM(backend="mock", max_model_len=64, max_num_seqs=2, max_num_batched_tokens=10**7)
     assert llm.config.max_num_batched_tokens == 128
