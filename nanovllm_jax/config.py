@@ -74,7 +74,7 @@ class EngineConfig:
         _require_int("seed", self.seed, 0)
 
     def finalize(self, model_max_len: int) -> None:
-        """Settle the fields that depend on the model, once the runner knows it."""
+        """Settle the fields that depend on the model, once the runner knows it (again: the same result)."""
         if self.max_model_len is None:
             self.max_model_len = min(model_max_len, 4096)
         elif self.max_model_len > model_max_len:

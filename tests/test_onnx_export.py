@@ -281,3 +281,12 @@ def test_the_exporter_cli_names_an_out_dir_it_cannot_write_in_one_line(tmp_path,
         main()
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.startswith("error: ") and "a_file" in err and len(err.splitlines()) == 1
+
+
+def test_a_max_model_len_past_the_models_is_refused_before_exporting(tmp_path, monkeypatch):
+    """It was refused only once the export (minutes for a large model) was written."""
+    monkeypatch.setenv("NANOVLLM_JAX_ONNX_CACHE", str(tmp_path / "cache"))
+    model_dir = build_tiny_model("qwen3", tmp_path / "hf")
+    with pytest.raises(ValueError, match="max_model_len=1024 exceeds the model's limit of 512"):
+        LLM(str(model_dir), backend="onnx", max_model_len=1024)
+    assert not list((tmp_path / "cache").glob("*"))

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from backends.onnx.export import DATA_FILE, FORMAT_VERSION, METADATA_FILE, MODEL_FILE, ensure_exported
+from backends.onnx.export import DATA_FILE, FORMAT_VERSION, METADATA_FILE, MODEL_FILE, ensure_exported, is_exported_dir
+from backends.onnx.model_spec import read_spec
 from backends.onnx.step_inputs import pack_group, row_groups, token_rows
 from backends.sampler import sample
 from nanovllm_jax.config import EngineConfig, is_count, read_json_object
@@ -26,6 +27,8 @@ class OnnxRunner(HostRunner):
     def __init__(self, config: EngineConfig):
         if config.dtype not in (None, "float32"):
             raise ValueError(f"the onnx backend runs float32 only, got dtype={config.dtype!r}")
+        if not is_exported_dir(config.model):  # settings the model cannot take: refused before exporting it
+            config.finalize(read_spec(config.model).max_position_embeddings)
         model_dir = ensure_exported(config.model)
         self.meta = _read_metadata(model_dir)
         config.finalize(self.meta["max_position_embeddings"])
