@@ -103,7 +103,7 @@ def _parts(runner: JaxRunner, step: StepBatch, repeats: int) -> tuple[float, flo
     """Median ms of the host packing, the forward program and the sampler program, each alone."""
     from nanovllm_jax.buckets import bucket_for
 
-    layout, forward, sampler = runner._programs(bucket_for(step.num_tokens, runner._token_buckets), False)
+    layout, forward, sampler = runner._programs(bucket_for(step.num_tokens, runner._token_buckets), "greedy")
     pack, fwd, sample = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()

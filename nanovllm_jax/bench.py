@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"median round per engine ({args.rounds} rounds):\n" + "\n".join(map(format_run, runs)))
     result = {
         "command": "python -m nanovllm_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus(),
+        "machine": {"platform": platform.platform(), "processor": _cpu_model(), "cpus": _cpus(),
                     "device": _device()},
         "model": model or "mock",
         "model_name": args.random_weights or args.model or ("mock" if model is None else "embedded Gemma 3 270M"),
@@ -423,6 +423,15 @@ def _vocab_size(model: str | None) -> int:
     path = Path(model) / "config.json"
     config = read_json_object(path)
     return config.get("vocab_size") or text_config_of(config, path).get("vocab_size", 1024)
+
+
+def _cpu_model() -> str:
+    """The CPU's name (platform.processor() is empty on Linux): speedups differ between CPU models."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 def _cpus() -> int:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ def test_bench_on_the_mock_reports_every_field(tmp_path):
         assert run[key]["p50"] <= run[key]["p99"]
     assert run["compilations_after_warmup"] is None and run["process_peak_rss_mb"] > run["rss_held_mb"] >= 0
     assert result["workload"]["num_seqs"] == 6
+    if Path("/proc/cpuinfo").exists():  # the CPU's name (platform.processor() is empty on Linux)
+        assert result["machine"]["processor"] and result["machine"]["processor"] in Path("/proc/cpuinfo").read_text()
     workload = bench.make_workload(bench.parse_args(["--num-seqs", "6", "--min-input-len", "4", "--max-input-len", "40",
                                                      "--min-output-len", "2", "--max-output-len", "12"]), 1024)
     assert (result["workload"]["input_tokens"], result["workload"]["output_tokens"]) == (
