@@ -298,10 +298,11 @@ class JaxRunner:
             stats = jax.devices()[0].memory_stats() or {}
             limit = stats.get("bytes_limit", 0)
             mc = self.model_config
-            # room for activations and logits of the largest step
-            act = 4 * config.max_num_batched_tokens * (3 * mc.hidden_size + 2 * mc.intermediate_size)
-            # a step holds no more sequences than tokens: logits rows come from the largest sequence bucket
-            rows = max(seqs for _, seqs in runner_buckets(config, self.tiling))
+            # room for activations and logits of the largest step: its program runs the largest token bucket
+            # (the budget rounded up), and a step holds no more sequences than tokens, so its logits rows
+            # come from the largest sequence bucket
+            tokens, rows = map(max, zip(*runner_buckets(config, self.tiling)))
+            act = 4 * tokens * (3 * mc.hidden_size + 2 * mc.intermediate_size)
             act += 4 * 4 * rows * mc.vocab_size
             budget = int(limit * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0) - act - (256 << 20)
             cap = None

@@ -293,6 +293,28 @@ def test_the_gpu_kv_budget_reserves_logits_only_for_the_rows_a_step_holds(monkey
     assert 0 < blocks(10**6) == blocks(4096) == blocks(512) < blocks(256)
 
 
+def test_the_gpu_kv_budget_reserves_activations_for_the_largest_token_bucket(monkeypatch):
+    """The largest program runs the budget rounded up to the tiling's token block (or the smallest bucket):
+    budgets of 257 and 17 run 512- and 16-token programs, whose activations the budget of 512 / 16 reserves."""
+    from types import SimpleNamespace
+
+    from nanovllm_jax.config import EngineConfig
+    from nanovllm_jax.jax_runner import TILINGS, JaxRunner
+
+    device = SimpleNamespace(memory_stats=lambda: {"bytes_limit": 80 << 30, "bytes_in_use": 2 << 30})
+    monkeypatch.setattr(jax, "devices", lambda: [device])
+    model_config = SimpleNamespace(hidden_size=8192, intermediate_size=28672, vocab_size=128256)
+
+    def blocks(budget: int) -> int:
+        config = EngineConfig(max_model_len=4096, max_num_seqs=1, max_num_batched_tokens=budget)
+        runner = SimpleNamespace(platform="gpu", config=config, tiling=TILINGS["gpu"], model_config=model_config,
+                                 block_size=16, _block_bytes=lambda: 1 << 20)
+        return JaxRunner._blocks_from_budget(runner)
+
+    assert blocks(257) == blocks(512) < blocks(256)
+    assert blocks(1) == blocks(16)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux's memory-mapping limit")
 def test_too_few_memory_mappings_left_is_a_clear_error(model_dirs, xla_cache, monkeypatch):
     """Past vm.max_map_count XLA:CPU's JIT fails to allocate and the process crashes: the runner
