@@ -379,7 +379,8 @@ class LLMEngine:
         if request.logprobs is not None:
             n = seq.params.logprobs
             top = dict(zip(output.top_token_ids[row, :n].tolist(), output.top_logprobs[row, :n].tolist()))
-            request.logprobs.append(Logprob(token, float(output.logprobs[row]), top, rank=int(output.ranks[row])))
+            rank = 0 if output.ranks is None else int(output.ranks[row])  # a runner may report no ranks
+            request.logprobs.append(Logprob(token, float(output.logprobs[row]), top, rank=rank))
         # As in vLLM, a token that stops the request by id (EOS, stop_token_ids) adds no text.
         reason = self._stop_token_reason(request, token)
         if reason is None:

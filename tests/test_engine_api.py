@@ -137,6 +137,17 @@ def test_logprobs_carry_the_sampled_tokens_rank(llm):
         assert got == ranks if ranks else max(got) > 1
 
 
+def test_a_runner_that_reports_no_ranks_gives_rank_0(monkeypatch):
+    """StepOutput.ranks is optional (a runner written before ranks existed): the step read it regardless."""
+    import dataclasses
+
+    llm = LLM(backend="mock")
+    execute = llm.engine.runner.execute
+    monkeypatch.setattr(llm.engine.runner, "execute", lambda batch: dataclasses.replace(execute(batch), ranks=None))
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, logprobs=1, **GREEDY), use_tqdm=False)[0]
+    assert [lp.rank for lp in out.logprobs] == [0, 0, 0] and len(out.token_ids) == 3
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
