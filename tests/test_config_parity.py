@@ -8,6 +8,7 @@ backend's logits (prefill and a cached chunk) and the ONNX backend's greedy toke
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -232,3 +233,17 @@ def test_qwen_sliding_window_layers(tmp_path, family, window):
 def test_mistral_runs_on_both_backends(tmp_path):
     raw = dict(BASE, architectures=["MistralForCausalLM"], model_type="mistral", head_dim=16, sliding_window=8)
     assert_backends_match_transformers(build(tmp_path / "model", raw))
+
+
+@pytest.mark.parametrize("window", [0, -1, "8", 8.0, [8]])
+@pytest.mark.parametrize("raw", [dict(BASE, architectures=["MistralForCausalLM"], model_type="mistral"),
+                                 dict(BASE, architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
+                                      max_window_layers=0),
+                                 dict(GEMMA3, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])],
+                         ids=["mistral", "qwen2", "gemma3"])
+def test_a_sliding_window_that_is_no_positive_integer_is_refused(raw, window):
+    """It went into the attention mask as it was (transformers refuses it too)."""
+    from nanovllm_jax.models import model_module
+
+    with pytest.raises(ValueError, match="sliding_window must be a positive integer or null, got " + re.escape(repr(window))):
+        model_module(raw).parse_config(raw | dict(sliding_window=window))

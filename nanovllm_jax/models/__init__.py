@@ -61,6 +61,14 @@ def config_parser(parse: Callable[[dict], Config]) -> Callable[[dict], Config]:
     return checked
 
 
+def sliding_window(hf: dict, default: int | None) -> int | None:
+    """The config's sliding_window: a positive integer, or null for none (transformers refuses other values)."""
+    window = hf.get("sliding_window", default)
+    if window is not None and not is_count(window):
+        raise ValueError(f"config field sliding_window must be a positive integer or null, got {window!r}")
+    return window
+
+
 def sliding_layers(hf: dict, is_sliding: Callable[[int], bool]) -> tuple[bool, ...]:
     """Per layer, whether it attends within a sliding window: the config's layer_types, else the family's
     rule `is_sliding(layer)` (as transformers 5 fills layer_types in). Empty where num_hidden_layers is

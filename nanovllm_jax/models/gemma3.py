@@ -22,7 +22,7 @@ from nanovllm_jax.layers.attention import NO_WINDOW, paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
-from nanovllm_jax.models import ForwardInputs, config_parser, sliding_layers
+from nanovllm_jax.models import ForwardInputs, config_parser, sliding_layers, sliding_window
 from nanovllm_jax.models.llama import (GetTensor, check_head_groups, layer_stacker, output_head, projection_params,
                                        write_kv)
 
@@ -128,7 +128,7 @@ def parse_config(hf: dict) -> Gemma3Config:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=float(hf["rms_norm_eps"]),
         max_position_embeddings=hf["max_position_embeddings"],
-        sliding_window=hf.get("sliding_window"),
+        sliding_window=sliding_window(hf, None),
         sliding_layers=sliding,
         rope_local=tuple(sorted(rope_local.items())),
         rope_global=tuple(sorted(rope_global.items())),

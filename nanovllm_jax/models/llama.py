@@ -20,7 +20,7 @@ from nanovllm_jax.layers.attention import NO_WINDOW, paged_attention
 from nanovllm_jax.layers.linear import linear
 from nanovllm_jax.layers.norm import rms_norm
 from nanovllm_jax.layers.rope import apply_rope, rope_angles, rope_inv_freq
-from nanovllm_jax.models import ForwardInputs, config_parser, sliding_layers
+from nanovllm_jax.models import ForwardInputs, config_parser, sliding_layers, sliding_window
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -115,9 +115,9 @@ def parse_config(hf: dict) -> LlamaConfig:
 def _layer_windows(hf: dict, model_type: str) -> tuple[int | None, ...]:
     """Each layer's sliding window (None: full attention), as transformers 5 reads the config."""
     if model_type == "mistral":  # no use_sliding_window flag: its window (4096 where absent) always applies
-        window, is_sliding = hf.get("sliding_window", 4096), lambda i: True
+        window, is_sliding = sliding_window(hf, 4096), lambda i: True
     elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):  # from max_window_layers on
-        window, is_sliding = hf.get("sliding_window", 4096), lambda i: i >= hf.get("max_window_layers", 28)
+        window, is_sliding = sliding_window(hf, 4096), lambda i: i >= hf.get("max_window_layers", 28)
     else:
         window, is_sliding = None, lambda i: False
     return tuple(window if sliding else None for sliding in sliding_layers(hf, is_sliding))
