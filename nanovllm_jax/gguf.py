@@ -21,7 +21,7 @@ import xxhash
 from nanovllm_jax import disk_cache
 from nanovllm_jax.config import is_count
 
-CONVERTER_VERSION = 6  # bump when the output of a conversion changes, so stale caches are not reused
+CONVERTER_VERSION = 7  # bump when the output of a conversion changes, so stale caches are not reused
 _ENTRY_NAME = re.compile(disk_cache.DIGEST + r"-(?:float32|bfloat16|float16)-v\d+(?:-[0-9a-f]{8})?")
 CACHE_SETTING = "XDG_CACHE_HOME (or pass cache_dir)"
 

@@ -4,9 +4,10 @@ The vocabulary-to-model step (sentencepiece-style BPE with merges rebuilt from t
 Gemma's respelled space runs, control tokens kept whole) is transformers' own GGUF tokenizer conversion, so the
 ids agree with `AutoTokenizer.from_pretrained(dir, gguf_file=...)` by construction (needing no torch), except
 for byte-level control tokens outside the byte alphabet, which transformers splits and llama.cpp and HF's own
-tokenizer.json keep whole (see _keep_control_tokens_whole), and for sentencepiece files without a space prefix,
-which transformers gives one (see _without_space_prefix). What that conversion leaves to the tokenizer class
-(BOS/EOS insertion, special-token names, the chat template) is done here.
+tokenizer.json keep whole (see _keep_control_tokens_whole), and for the space prefix of sentencepiece files, which
+transformers adds once per text and llama.cpp before each run of text, or not at all (see _space_prefix_as_llama_cpp).
+What that conversion leaves to the tokenizer class (BOS/EOS insertion, special-token names, the chat template) is
+done here.
 """
 from __future__ import annotations
 
@@ -68,23 +69,28 @@ def build_tokenizer(architecture: str, metadata: dict[str, Any]) -> Tokenizer:
     tokenizer_dict = {name: metadata[f"tokenizer.ggml.{key}"] for key, name in _TOKENIZER_KEYS.items()
                       if f"tokenizer.ggml.{key}" in metadata}
     tokenizer = _convert_with_transformers(architecture, tokenizer_dict)
-    tokenizer = _keep_control_tokens_whole(_without_space_prefix(tokenizer, metadata), metadata)
+    tokenizer = _keep_control_tokens_whole(_space_prefix_as_llama_cpp(tokenizer, metadata), metadata)
     tokenizer.post_processor = _special_token_template(metadata)
     return tokenizer
 
 
-def _without_space_prefix(tokenizer: Tokenizer, metadata: dict[str, Any]) -> Tokenizer:
-    """transformers' sentencepiece conversion always puts "▁" before the text (and strips a space off
-    the decoded text). A file with add_space_prefix = false wants neither: llama.cpp adds and strips
-    nothing there, as the model's own tokenizer did before conversion."""
-    if metadata.get("tokenizer.ggml.add_space_prefix", True):
-        return tokenizer
+def _space_prefix_as_llama_cpp(tokenizer: Tokenizer, metadata: dict[str, Any]) -> Tokenizer:
+    """transformers' sentencepiece conversion puts "▁" before the text with a Metaspace pre-tokenizer: once, at
+    the very start, and not where the text already starts with a space. llama.cpp (like sentencepiece, and Llama 2's
+    own tokenizer.json) puts a space before every run of text, the one after each special token too, and " hi"
+    becomes "▁▁hi". A file with add_space_prefix = false wants none at all, nor a space stripped in decoding."""
     spec = json.loads(tokenizer.to_str())
     if (spec["pre_tokenizer"] or {}).get("type") != "Metaspace":
         return tokenizer
-    spec["pre_tokenizer"]["prepend_scheme"] = "never"
-    if (spec["decoder"] or {}).get("type") == "Sequence":
-        spec["decoder"]["decoders"] = [d for d in spec["decoder"]["decoders"] if d["type"] != "Strip"]
+    if metadata.get("tokenizer.ggml.add_space_prefix", True):
+        # a normalizer sees each run of text between added tokens on its own, as llama.cpp's fragments
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+        spec["pre_tokenizer"] = None
+    else:
+        spec["pre_tokenizer"]["prepend_scheme"] = "never"
+        if (spec["decoder"] or {}).get("type") == "Sequence":
+            spec["decoder"]["decoders"] = [d for d in spec["decoder"]["decoders"] if d["type"] != "Strip"]
     return Tokenizer.from_str(json.dumps(spec))
 
 
