@@ -21,7 +21,7 @@ import xxhash
 from nanovllm_jax import disk_cache
 from nanovllm_jax.config import is_count
 
-CONVERTER_VERSION = 7  # bump when the output of a conversion changes, so stale caches are not reused
+CONVERTER_VERSION = 8  # bump when the output of a conversion changes, so stale caches are not reused
 _ENTRY_NAME = re.compile(disk_cache.DIGEST + r"-(?:float32|bfloat16|float16)-v\d+(?:-[0-9a-f]{8})?")
 CACHE_SETTING = "XDG_CACHE_HOME (or pass cache_dir)"
 
@@ -403,13 +403,18 @@ def _llama3_rope_scaling(freq_factors: np.ndarray, config: dict[str, Any]) -> di
     return candidate
 
 
+# Token texts llama.cpp ends generation at wherever they are in a vocabulary (llama-vocab.cpp), as HF generation
+# configs list them (Qwen's <|im_end|> and <|endoftext|>, Llama 3's <|eot_id|>, <|eom_id|> and <|end_of_text|>)
+_END_OF_GENERATION_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>",
+                             "<end_of_turn>", "<EOT>")
+
+
 def generation_config(metadata: dict[str, Any]) -> dict[str, Any]:
     """EOS ids: the file's EOS plus its end-of-turn tokens, so generation stops at either."""
     eos = [metadata[f"tokenizer.ggml.{k}"] for k in ("eos_token_id", "eot_token_id", "eom_token_id")
            if f"tokenizer.ggml.{k}" in metadata]
     tokens = metadata.get("tokenizer.ggml.tokens") or []
-    if metadata.get("general.architecture") == "gemma3" and "<end_of_turn>" in tokens:
-        eos.append(tokens.index("<end_of_turn>"))  # as google/gemma-3 generation configs do
+    eos += [i for i, token in enumerate(tokens) if token in _END_OF_GENERATION_TOKENS]
     config: dict[str, Any] = {"eos_token_id": list(dict.fromkeys(eos))}
     for name in ("bos_token_id", "padding_token_id"):
         if f"tokenizer.ggml.{name}" in metadata:

@@ -547,6 +547,16 @@ def test_a_big_endian_file_is_refused_not_read_byte_swapped(synthetic, tmp_path)
         convert_gguf(tmp_path / "be.gguf", cache_dir=tmp_path / "cache")
 
 
+def test_generation_stops_at_every_end_of_turn_token_llama_cpp_stops_at(synthetic):
+    """A Qwen GGUF names one EOS (<|im_end|> or <|endoftext|>); llama.cpp, as Qwen's generation config, ends at
+    both, and Llama 3's <|eot_id|>, <|eom_id|>, <|end_of_text|> likewise."""
+    vocab = synth.Vocab("gpt2")
+    ids = {t: i for i, t in enumerate(vocab.tokens)}
+    tok = load_tokenizer(synthetic["qwen2"]["out"])
+    assert tok.eos_token_ids == sorted({vocab.eos, ids["<|endoftext|>"], ids["<|im_end|>"]})
+    assert ids["<|im_start|>"] not in tok.eos_token_ids
+
+
 def test_llama3_vocabulary_without_an_add_bos_flag_adds_bos_as_llama_cpp_does(tmp_path):
     """llama.cpp adds BOS for the llama-bpe (and tekken, falcon3 ...) pre-tokenizers unless the file says not to;
     early Llama 3 GGUFs carry no tokenizer.ggml.add_bos_token."""
