@@ -117,8 +117,8 @@ def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | N
     if isinstance(bos, bool) or isinstance(bos, int) and bos < 0:
         bos = None
     template = tok_config.get("chat_template")
-    if isinstance(template, list):  # named templates, as transformers stores several: the default one
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
-    if template is None and (model_dir / "chat_template.jinja").exists():
+    if (model_dir / "chat_template.jinja").exists():  # as in transformers, the file wins over tokenizer_config's
         template = (model_dir / "chat_template.jinja").read_text()
+    elif isinstance(template, list):  # named templates, as transformers stores several: the default one
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
     return eos, bos if isinstance(bos, int) else None, template, special_tokens

@@ -817,6 +817,16 @@ def test_chat_applies_the_model_chat_template(tmp_path):
     assert LLM(str(tmp_path), backend="mock").chat_prompt(conversation) == out.prompt_token_ids
 
 
+def test_a_chat_template_jinja_file_wins_over_tokenizer_config(tmp_path):
+    """As in transformers (and so vLLM): chat_template.jinja overrides tokenizer_config.json's chat_template."""
+    stale = "{% for m in messages %}old:{{ m['content'] }}{% endfor %}"
+    for config_template in (stale, [{"name": "default", "template": stale}]):
+        chat_model_dir(tmp_path, config_template)
+        (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}new:{{ m['content'] }}{% endfor %}")
+        llm = LLM(str(tmp_path), backend="mock")
+        assert llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "new:hi"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--top-p", "3"], "top_p must be in"), (["--max-tokens", "0"], "max_tokens"),
     (["--chat"], "no chat template"), (["--model", "/no/such/model"], "model path does not exist"),
