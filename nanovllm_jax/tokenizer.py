@@ -102,6 +102,8 @@ def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | N
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise ValueError(f"eos_token_id in {model_dir} must be a token id or a list of them, got {value!r}")
         eos += [t for t in ids if t >= 0]  # -1: some configs' "none"
+    if "added_tokens_decoder" not in tok_config:  # an older save: transformers takes the special tokens from here
+        tok_config = tok_config | read("special_tokens_map.json")
     special_tokens = {}  # tokenizer_config's strings ("<eos>", or {"content": "<eos>", ...})
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = tok_config.get(name)

@@ -827,6 +827,16 @@ def test_a_chat_template_jinja_file_wins_over_tokenizer_config(tmp_path):
         assert llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "new:hi"
 
 
+def test_special_tokens_only_in_special_tokens_map_json_are_read(tmp_path):
+    """Older saves name bos/eos only in special_tokens_map.json; transformers' eos_token (vLLM's EOS) comes from it."""
+    chat_model_dir(tmp_path, "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|endoftext|>",
+                                                                  "eos_token": {"content": "<|endoftext|>"}}))
+    tok = LLM(str(tmp_path), backend="mock").tokenizer
+    assert tok.eos_token_ids == [0]
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|endoftext|>hi<|endoftext|>"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--top-p", "3"], "top_p must be in"), (["--max-tokens", "0"], "max_tokens"),
     (["--chat"], "no chat template"), (["--model", "/no/such/model"], "model path does not exist"),
