@@ -30,7 +30,7 @@ class HFTokenizer:
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.bos_token_id = bos_token_id
         self.chat_template = chat_template
-        # the strings a chat template may name (bos_token, eos_token, unk_token, pad_token), as
+        # the strings a chat template may name (bos_token, eos_token, unk_token, pad_token, sep_token, ...), as
         # transformers passes them
         self.special_tokens = dict(special_tokens or {})
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -105,7 +105,7 @@ def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | N
     if "added_tokens_decoder" not in tok_config:  # an older save: transformers takes the special tokens from here
         tok_config = tok_config | read("special_tokens_map.json")
     special_tokens = {}  # tokenizer_config's strings ("<eos>", or {"content": "<eos>", ...})
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
         value = tok_config.get(name)
         value = value.get("content") if isinstance(value, dict) else value
         if isinstance(value, str):

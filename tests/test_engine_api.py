@@ -837,6 +837,15 @@ def test_special_tokens_only_in_special_tokens_map_json_are_read(tmp_path):
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|endoftext|>hi<|endoftext|>"
 
 
+def test_a_chat_template_sees_sep_cls_and_mask_tokens(tmp_path):
+    template = "{{ cls_token }}{% for m in messages %}{{ m['content'] }}{{ sep_token }}{% endfor %}{{ mask_token }}"
+    chat_model_dir(tmp_path, template)
+    config = {"chat_template": template, "cls_token": "[C]", "sep_token": {"content": "[S]"}, "mask_token": "[M]"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = LLM(str(tmp_path), backend="mock").tokenizer
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[C]hi[S][M]"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--top-p", "3"], "top_p must be in"), (["--max-tokens", "0"], "max_tokens"),
     (["--chat"], "no chat template"), (["--model", "/no/such/model"], "model path does not exist"),
