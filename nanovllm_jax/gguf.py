@@ -158,15 +158,14 @@ def write_hf_dir(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(metadata), indent=2))
     tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
-    tensors = {t.name: t for t in reader.tensors}
     architecture = metadata["general.architecture"]
-    arrays = (hf_tensor(architecture, config, name, dequantize(tensors[name])) for name, _, _ in
+    arrays = (hf_tensor(architecture, config, t.name, dequantize(t)) for t, _, _ in
               tqdm(plan, desc=f"converting {gguf_path.name}", unit="tensor"))
     write_safetensors(out_dir / "model.safetensors", [(hf, shape) for _, hf, shape in plan], arrays, dtype)
 
 
 def _conversion_plan(reader, dtype: str):
-    """The metadata, HF config, tokenizer, tokenizer config and (gguf name, HF name, HF shape) of each tensor
+    """The metadata, HF config, tokenizer, tokenizer config and (gguf tensor, HF name, HF shape) of each tensor
     to convert; a ValueError for what the converter (or llama.cpp) refuses."""
     from . import gguf_tokenizer
 
@@ -189,11 +188,11 @@ def _conversion_plan(reader, dtype: str):
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception (e.g. a merge of unknown tokens)
         raise ValueError(f"cannot build a tokenizer from the embedded vocabulary: {e}") from e
     tok_config = gguf_tokenizer.tokenizer_config(architecture, metadata)
-    plan = [(t.name, hf_tensor_name(architecture, t.name), tuple(int(d) for d in reversed(t.shape)))
+    plan = [(t, hf_tensor_name(architecture, t.name), tuple(int(d) for d in reversed(t.shape)))
             for t in reader.tensors if t.name not in _CONFIG_ONLY_TENSORS]
-    for gguf_name, hf_name, _ in plan:
+    for t, hf_name, _ in plan:
         if hf_name is None:
-            raise ValueError(f"tensor {gguf_name!r} has no HF counterpart for architecture {architecture!r}")
+            raise ValueError(f"tensor {t.name!r} has no HF counterpart for architecture {architecture!r}")
     return metadata, config, tokenizer, tok_config, plan
 
 
