@@ -50,7 +50,7 @@ class IncrementalDetokenizer:
 
     def _prefix(self) -> str:
         if self._prefix_text is None:
-            self._prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+            self._prefix_text = self._decode_prefix()
             # A window starting inside a character (the prompt's last 6 tokens may) must start at its first
             # byte: byte fallback decodes a run of byte tokens that is not valid UTF-8 as a whole all as
             # U+FFFD, the new tokens' bytes too. A character has at most 3 more bytes.
@@ -58,8 +58,11 @@ class IncrementalDetokenizer:
                 if self.prefix_offset == 0 or not self._starts_inside_a_character():
                     break
                 self.prefix_offset -= 1
-                self._prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+                self._prefix_text = self._decode_prefix()
         return self._prefix_text
+
+    def _decode_prefix(self) -> str:
+        return self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
 
     def _starts_inside_a_character(self) -> bool:
         # Not only the window's text starts with U+FFFD but also that of its first 1 to 4 tokens (a character
@@ -82,7 +85,7 @@ class IncrementalDetokenizer:
         # prompt holds as a character stays prompt text). Once per request, over the prompt's window.
         while self.read_offset > self.prefix_offset:
             self.read_offset -= 1
-            self._prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+            self._prefix_text = self._decode_prefix()
             if full_text.startswith(self._prefix_text):
                 break
         return self._prefix_text
