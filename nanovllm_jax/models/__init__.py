@@ -38,6 +38,11 @@ SHAPE_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "inter
                 "max_position_embeddings": "max_position_embeddings"}
 
 
+def _as_count(value):
+    """A count as config.json may write it: 2048.0 is 2048 (as some exporters write counts); else unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def config_parser(parse: Callable[[dict], Config]) -> Callable[[dict], Config]:
     """A parse_config whose missing or mistyped config.json field is a ValueError that names it."""
     @functools.wraps(parse)
@@ -50,11 +55,9 @@ def config_parser(parse: Callable[[dict], Config]) -> Callable[[dict], Config]:
             raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
         except (TypeError, AttributeError, ZeroDivisionError) as e:
             raise ValueError(f"config.json has a field of the wrong type or value: {e}") from None
+        cfg = dataclasses.replace(cfg, **{name: _as_count(getattr(cfg, name)) for name in SHAPE_FIELDS})
         for name, hf_name in SHAPE_FIELDS.items():
             value = getattr(cfg, name)
-            if isinstance(value, float) and value.is_integer():  # 2048.0, as some exporters write counts
-                value = int(value)
-                cfg = dataclasses.replace(cfg, **{name: value})
             if not is_count(value):
                 raise ValueError(f"config.json field {hf_name} must be a positive integer, got {value!r}")
         return cfg
@@ -73,8 +76,7 @@ def sliding_layers(hf: dict, is_sliding: Callable[[int], bool]) -> tuple[bool, .
     """Per layer, whether it attends within a sliding window: the config's layer_types, else the family's
     rule `is_sliding(layer)` (as transformers 5 fills layer_types in). Empty where num_hidden_layers is
     not a count: config_parser refuses that field itself."""
-    n = hf["num_hidden_layers"]
-    n = int(n) if isinstance(n, float) and n.is_integer() else n
+    n = _as_count(hf["num_hidden_layers"])
     if not is_count(n):
         return ()
     types = hf.get("layer_types")
