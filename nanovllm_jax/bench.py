@@ -404,7 +404,8 @@ def format_run(run: dict) -> str:
             f"{run['process_peak_rss_mb']:.0f} MB{')' if held else ' peak RSS'}")
     if run.get("device_held_mb") is not None:  # a device with memory stats (a GPU): not on CPU
         peak = run.get("process_device_peak_mb")
-        line += f"  holds {run['device_held_mb']:.0f} MB device memory" + ("" if peak is None else f" (process peak {peak:.0f} MB)")
+        line += f"  holds {run['device_held_mb']:.0f} MB device memory"
+        line += "" if peak is None else f" (process peak {peak:.0f} MB)"
     if "ttft_ms" in run:
         line += (f"\n{'':>24}TTFT p50/p99 {_ms(run['ttft_ms'], 0)} ms  TPOT p50/p99 {_ms(run['tpot_ms'], 1)} ms  "
                  f"ITL p50/p99 {_ms(run['itl_ms'], 1)} ms")

@@ -175,7 +175,8 @@ def _conversion_plan(reader, dtype: str):
                          "split GGUF; merge the parts first (llama.cpp: llama-gguf-split --merge FIRST_PART OUT)")
     architecture = metadata.get("general.architecture")
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+        raise ValueError(f"unsupported GGUF architecture {architecture!r}; "
+                         f"supported: {', '.join(sorted(ARCHITECTURES))}")
     check_tensor_types(reader.tensors)
     tensors = {t.name: t for t in reader.tensors}
     config = hf_config(metadata, tensors) | {"torch_dtype": dtype, "dtype": dtype}

@@ -81,7 +81,7 @@ def build_random_model(name: str, out_dir: Path, seed: int = 0, std: float = 0.0
     disk_cache.writable_dir(out_dir.parent, "XDG_CACHE_HOME")  # before the work, not after it
     config = RANDOM_CONFIGS[name]
     rng = np.random.default_rng(seed)
-    tensors = {name: random_weight(rng, name, shape, std) for name, shape in tensor_shapes(config).items()}
+    tensors = {tensor: random_weight(rng, tensor, shape, std) for tensor, shape in tensor_shapes(config).items()}
     tmp = disk_cache.scratch_path(out_dir.parent, out_dir.name)
     tmp.mkdir()
     try:

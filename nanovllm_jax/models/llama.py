@@ -4,7 +4,8 @@ The families differ only in small switches: Qwen2 adds q/k/v biases, Qwen3 RMS-n
 per head, Llama 3.x rescales RoPE frequencies, Mistral (and Qwen with use_sliding_window) attends within
 a sliding window. Layer weights come either stacked on a leading axis (run under lax.scan: ~4x faster
 to compile) or as a list of per-layer dicts (unrolled: on XLA:CPU ~4x faster to run, since scan copies
-each layer's weight slice before its matmul). The KV cache is a carry that each layer scatters its new K/V into in place.
+each layer's weight slice before its matmul). The KV cache is a carry that each layer scatters its new
+K/V into in place.
 """
 from __future__ import annotations
 
