@@ -58,12 +58,16 @@ def build(out: Path, raw: dict, edit_tensors=None) -> Path:
     return out
 
 
+def _jax_logits(model_dir: Path, stacked: bool) -> np.ndarray:
+    model = PagedModel(model_dir, stacked=stacked, num_seqs=1)
+    return np.concatenate([model.step({0: IDS[:20]})[0], model.step({0: IDS[20:]})[0]])
+
+
 def assert_backends_match_transformers(model_dir: Path, onnx: bool = True) -> None:
     ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = ref(torch.tensor([IDS])).logits[0].numpy()
-    model = PagedModel(model_dir, stacked=False, num_seqs=1)
-    got = np.concatenate([model.step({0: IDS[:20]})[0], model.step({0: IDS[20:]})[0]])
+    got = _jax_logits(model_dir, stacked=False)
     assert rel_err(got, expected) < 1e-4
     if onnx:  # greedy tokens and their top-20 logprobs, against transformers' full forward over the text
         prompt = IDS[:24]
@@ -203,14 +207,8 @@ def test_a_config_without_model_type_is_its_architectures(tmp_path, family):
     ref = getattr(transformers, f"{family}ForCausalLM").from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = ref(torch.tensor([IDS])).logits[0].numpy()
-    model = PagedModel(model_dir, stacked=False, num_seqs=1)
-    got = np.concatenate([model.step({0: IDS[:20]})[0], model.step({0: IDS[20:]})[0]])
+    got = _jax_logits(model_dir, stacked=False)
     assert rel_err(got, expected) < 1e-4
-
-
-def _jax_logits(model_dir: Path, stacked: bool) -> np.ndarray:
-    model = PagedModel(model_dir, stacked=stacked, num_seqs=1)
-    return np.concatenate([model.step({0: IDS[:20]})[0], model.step({0: IDS[20:]})[0]])
 
 
 @pytest.mark.parametrize("family, window", [("Qwen2", dict(max_window_layers=1)), ("Qwen3", dict(
