@@ -65,7 +65,9 @@ TILINGS = {
     # XLA:CPU copies each layer's weights out of a stacked array under scan: unrolled there.
     "cpu": Tiling(16, 32, 512, 128, kernel=False, smallest_bucket=1, scan_layers=False),
     # Accelerators: few, wide loop iterations (each costs kernel launches); padding small steps is cheap.
-    "gpu": Tiling(256, 512, 1 << 17, 128, kernel=True, smallest_bucket=16, scan_layers=True),
+    # GPU layers unrolled: one CUDA graph a step, not a host-driven loop of per-layer graphs (H200:
+    # 23838 vs 21850 tok/s on nano-vllm's workload, for ~15 s more warm-up).
+    "gpu": Tiling(256, 512, 1 << 17, 128, kernel=True, smallest_bucket=16, scan_layers=False),
     "tpu": Tiling(256, 512, 1 << 17, 1024, kernel=False, smallest_bucket=16, scan_layers=True),
 }
 

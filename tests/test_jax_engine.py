@@ -384,9 +384,9 @@ def test_attention_path_choice(monkeypatch):
 
 
 def test_layer_loop_choice(monkeypatch):
-    assert not tiling_for("cpu").scan_layers and tiling_for("gpu").scan_layers
+    assert not tiling_for("cpu").scan_layers and not tiling_for("gpu").scan_layers and tiling_for("tpu").scan_layers
     monkeypatch.setenv("NANOVLLM_JAX_LAYERS", "unroll")
-    assert not tiling_for("gpu").scan_layers and tiling_for("gpu").kernel
+    assert not tiling_for("tpu").scan_layers and tiling_for("gpu").kernel
     monkeypatch.setenv("NANOVLLM_JAX_LAYERS", "scan")
     assert tiling_for("cpu").scan_layers
     monkeypatch.setenv("NANOVLLM_JAX_LAYERS", "loop")
