@@ -7,7 +7,7 @@ device programs alone (forward + sampler on an already transferred step) are tim
 
     .venv/bin/python benchmarks/decode_step.py --batch-sizes 1 8 32 --context 256
 
-Layers run as the platform's tiling says (unrolled on CPU, lax.scan elsewhere); NANOVLLM_JAX_LAYERS=scan|unroll
+Layers run as the platform's tiling says (unrolled on CPU and GPU, lax.scan on TPU); NANOVLLM_JAX_LAYERS=scan|unroll
 overrides it, as for the engine.
 """
 from __future__ import annotations

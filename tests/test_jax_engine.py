@@ -329,16 +329,19 @@ def test_too_few_memory_mappings_left_is_a_clear_error(model_dirs, xla_cache, mo
             max_num_batched_tokens=16)
 
 
-def test_gpu_tiling_and_attention_kernel_match_transformers(model_dirs, xla_cache, prompts, monkeypatch):
-    """The GPU's tiling (16-token smallest bucket, layers under lax.scan, the Pallas attention kernel
-    in interpret mode here) through the whole engine, with chunked prefill and prefix hits."""
+@pytest.mark.parametrize("layers", ["unroll", "scan"])
+def test_gpu_tiling_and_attention_kernel_match_transformers(model_dirs, xla_cache, prompts, monkeypatch, layers):
+    """The GPU's tiling (16-token smallest bucket, the Pallas attention kernel in interpret mode here)
+    through the whole engine, with chunked prefill and prefix hits, its layers unrolled (the GPU's
+    default) or under lax.scan."""
     from nanovllm_jax import jax_runner
 
     monkeypatch.setitem(jax_runner.TILINGS, "cpu", jax_runner.TILINGS["gpu"])
+    monkeypatch.setenv("NANOVLLM_JAX_LAYERS", layers)
     llm = LLM(str(model_dirs["qwen3"]), backend="jax", compilation_cache_dir=xla_cache, max_num_seqs=8,
               max_num_batched_tokens=32)
     assert llm.engine.runner.buckets == [(16, 8), (32, 8)]
-    assert not isinstance(llm.engine.runner.params["layers"], list)
+    assert isinstance(llm.engine.runner.params["layers"], list) == (layers == "unroll")
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outputs] == greedy_reference(model_dirs, "qwen3", prompts)
     assert outputs[-1].num_cached_tokens >= 32
