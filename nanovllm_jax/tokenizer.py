@@ -96,7 +96,10 @@ def _special_ids(model_dir: Path, tok: _HFTokenizer) -> tuple[list[int], int | N
 
     config, gen_config, tok_config = read("config.json"), read("generation_config.json"), read("tokenizer_config.json")
     eos: list[int] = []
-    for source in (config, text_config_of(config, model_dir / "config.json"), gen_config):
+    # As vLLM (through transformers' GenerationConfig): config.json's ids only where no generation_config.json is.
+    eos_sources = [gen_config] if (model_dir / "generation_config.json").exists() else \
+        [config, text_config_of(config, model_dir / "config.json")]
+    for source in eos_sources:
         value = source.get("eos_token_id")
         ids = [] if value is None else [value] if isinstance(value, int) else value
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):

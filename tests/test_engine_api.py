@@ -1064,12 +1064,25 @@ def test_eos_ids_outside_the_vocabulary_are_ignored(tmp_path):
     logits inside a step and ended every request of the call stepping the engine."""
     shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [5000, -1]}))
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**20, "bos_token_id": -1}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [10**20, 5001], "bos_token_id": -1}))
     llm = LLM(str(tmp_path), backend="mock")
     assert llm.engine.eos_token_ids == frozenset()
     params = SamplingParams(max_tokens=5, min_tokens=3, **GREEDY)
     outs = llm.generate([[20, 21, 22], [7, 8]], params, use_tqdm=False)
     assert [o.token_ids for o in outs] == [mock_generate(p, params, 1024, set()) for p in ([20, 21, 22], [7, 8])]
+
+
+def test_eos_ids_come_from_generation_config_where_there_is_one(tmp_path):
+    """As vLLM, which reads them through transformers' GenerationConfig: config.json's ids only stand in
+    for a missing generation_config.json (a fine-tune's generation config may name fewer), and the
+    tokenizer's eos_token is always one."""
+    shutil.copy(SIMPLE_BPE_PATH, tmp_path / "tokenizer.json")
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [7, 8]}))
+    assert LLM(str(tmp_path), backend="mock").tokenizer.eos_token_ids == [7, 8]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    assert LLM(str(tmp_path), backend="mock").tokenizer.eos_token_ids == [9]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    assert LLM(str(tmp_path), backend="mock").tokenizer.eos_token_ids == [0, 9]  # <|endoftext|> is id 0
 
 
 def test_a_keyboard_interrupt_while_reading_a_step_back_leaves_the_engine_consistent(monkeypatch):
