@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 
 @dataclass
 class EngineConfig:
@@ -67,6 +69,8 @@ class EngineConfig:
             if not isinstance(self.compilation_cache_dir, (str, os.PathLike)):
                 raise ValueError(f"compilation_cache_dir must be None or a path, got {self.compilation_cache_dir!r}")
             self.compilation_cache_dir = os.fspath(self.compilation_cache_dir)
+        if self.dtype is not None and not isinstance(self.dtype, str):  # np.float16, jnp.bfloat16, np.dtype(...)
+            self.dtype = _dtype_name(self.dtype)
         if self.dtype == "auto":  # vLLM's spelling of its default, here the platform's default
             self.dtype = None
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
@@ -122,3 +126,11 @@ def is_count(value, minimum: int = 1) -> bool:
 def _require_int(name: str, value, minimum: int) -> None:
     if not is_count(value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _dtype_name(dtype: object) -> object:
+    """numpy's name for a dtype object ("float16"), or the object itself when numpy knows none."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return dtype

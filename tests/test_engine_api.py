@@ -963,6 +963,18 @@ def test_a_model_dir_without_tokenizer_json_uses_its_slow_tokenizer_files(tmp_pa
         load_tokenizer(tmp_path)
 
 
+def test_dtype_objects_are_read_by_their_numpy_name():
+    """np.dtype('float16') compared equal to "float16" in the config's check, then failed in the loader."""
+    import ml_dtypes
+
+    for dtype, name in ((np.dtype("float16"), "float16"), (np.float32, "float32"), (ml_dtypes.bfloat16, "bfloat16")):
+        assert type(LLM(backend="mock", dtype=dtype).config.dtype) is str
+        assert LLM(backend="mock", dtype=dtype).config.dtype == name
+    for bad in (np.float64, np.dtype("int8"), object(), 16):
+        with pytest.raises(ValueError, match="dtype must be 'auto', 'float32', 'bfloat16' or 'float16'"):
+            LLM(backend="mock", dtype=bad)
+
+
 def test_an_empty_string_prompt_is_empty_even_where_the_tokenizer_adds_bos(monkeypatch):
     llm = LLM(backend="mock", dtype="auto")
     assert llm.config.dtype is None  # "auto", vLLM's spelling of the default: here the platform's
