@@ -341,7 +341,7 @@ class LLMEngine:
             block_tables=block_tables,
             logits_indices=query_start[1:] - 1,
             needs_sample=context_lens == np.fromiter(map(len, seqs), np.int32, num_seqs),
-            sampling=self._sampling_batch(scheduled),
+            sampling=self._sampling_batch(seqs),
         )
 
     def _prev_rows(self, seqs: list[Sequence], rows: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
@@ -353,8 +353,7 @@ class LLMEngine:
             prev_rows[pending] = [row_of[seqs[r].seq_id] for r in rows[pending]]
         return prev_rows
 
-    def _sampling_batch(self, scheduled: ScheduledBatch) -> SamplingBatch:
-        seqs = [seq for seq, _ in scheduled]
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         requests = [self.requests[seq.seq_id] for seq in seqs]
         banned_rows = {row: request.banned_ids for row, (seq, request) in enumerate(zip(seqs, requests))
                        if request.banned_ids and seq.num_sampled_tokens < seq.params.min_tokens}
