@@ -34,7 +34,6 @@ class LLM:
     def generate(self, prompts: PromptArg | Sequence[PromptArg], sampling_params: ParamsArg = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order."""
-        prompts = _as_list(prompts)
         ids = self._add_all(prompts, sampling_params)
         outputs: dict[int, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -77,7 +76,6 @@ class LLM:
     def stream(self, prompts: PromptArg | Sequence[PromptArg],
                sampling_params: ParamsArg = None) -> Iterator[StreamDelta]:
         """Yield each request's new tokens and text as they are produced; `index` is the prompt's position."""
-        prompts = _as_list(prompts)
         ids = self._add_all(prompts, sampling_params)
         index_of = {request_id: index for index, request_id in enumerate(ids)}
         done: dict[int, RequestOutput] = {}
@@ -97,7 +95,8 @@ class LLM:
         Returns False, changing nothing, while requests are still running."""
         return self.engine.reset_prefix_cache()
 
-    def _add_all(self, prompts: list[Prompt], sampling_params: ParamsArg) -> list[int]:
+    def _add_all(self, prompts: PromptArg | Sequence[PromptArg], sampling_params: ParamsArg) -> list[int]:
+        prompts = _as_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
         with self._lock:
             ids = self.engine.add_requests(prompts, params)
