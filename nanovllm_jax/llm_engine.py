@@ -6,7 +6,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import xxhash
@@ -66,14 +66,14 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     logprobs: list[Logprob] | None
     max_stop_len: int
+    banned_ids: list[int]
+    stop_ids: frozenset[int]  # stop_token_ids, and the EOS ids unless ignore_eos
+    sampling_row: tuple[float, ...]  # its SAMPLING_FLOAT_FIELDS values, fixed at add
+    top_k: int  # 0: off
     text_end: int | None = None  # set when a stop string cut the text
     searched: int = 0  # text length already searched for stop strings
     emitted: int = 0  # text length already streamed
     emitted_until: int = 0  # seq.token_ids already streamed (the prompt counts as streamed)
-    banned_ids: list[int] = field(default_factory=list)
-    stop_ids: frozenset[int] = frozenset()  # stop_token_ids, and the EOS ids unless ignore_eos
-    sampling_row: tuple[float, ...] = ()  # its SAMPLING_FLOAT_FIELDS values, fixed at add
-    top_k: int = 0  # 0: off
 
     @property
     def text(self) -> str:
