@@ -49,9 +49,12 @@ def _spans(shapes: dict[str, tuple[int, ...]], start: int = 0) -> dict[str, Span
     return spans
 
 
-def _view(buf, span: Span):
-    start, end, shape = span
-    return buf[start:end].reshape(shape)
+def _fields(buf, spans: dict[str, Span]):
+    """`field(name)`: the named field of the packed `buf`, viewed in its shape."""
+    def field(name: str):
+        start, end, shape = spans[name]
+        return buf[start:end].reshape(shape)
+    return field
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,7 @@ class SeqLayout:
         return max(end for _, end, _ in self.spans.values())
 
     def pack(self, buf: np.ndarray, batch: StepBatch) -> None:
-        def field(name: str) -> np.ndarray:
-            return _view(buf, self.spans[name])
-
+        field = _fields(buf, self.spans)
         s = batch.num_seqs
         width = min(batch.block_tables.shape[1], self.table_width)
         field("block_tables")[:s, :width] = np.maximum(batch.block_tables[:, :width], 0)  # -1 reads block 0, masked
@@ -101,8 +102,7 @@ class SeqLayout:
         field("use_logprobs")[...] = sp.num_logprobs > 0
 
     def unpack(self, packed: jax.Array) -> SamplerInputs:
-        def field(name: str) -> jax.Array:
-            return _view(packed, self.spans[name])
+        field = _fields(packed, self.spans)
 
         def as_float(name: str) -> jax.Array:
             return jax.lax.bitcast_convert_type(field(name), jnp.float32)
@@ -148,10 +148,7 @@ class StepLayout:
     def pack(self, batch: StepBatch) -> np.ndarray:
         buf = np.zeros(self.size, np.int32)
         self.seq.pack(buf, batch)
-
-        def field(name: str) -> np.ndarray:
-            return _view(buf, self.spans[name])
-
+        field = _fields(buf, self.spans)
         t, s = batch.num_tokens, batch.num_seqs
         new_per_seq = np.diff(batch.query_start)
         seq_ids = np.repeat(np.arange(s, dtype=np.int32), new_per_seq)
@@ -170,18 +167,16 @@ class StepLayout:
         return buf
 
     def unpack(self, packed: jax.Array) -> StepInputs:
-        def field(name: str) -> jax.Array:
-            return _view(packed, self.spans[name])
-
-        seq_section = packed[: self.seq.size]
+        field = _fields(packed, self.spans)
         seq = self.seq
-        tables = _view(seq_section, seq.spans["block_tables"])
+        seq_section = packed[: seq.size]
+        seq_field = _fields(seq_section, seq.spans)
         seq_ids = field("seq_ids")
         attn = AttentionMetadata(
             positions=field("positions"),
             seq_ids=seq_ids,
             cached_lens=field("cached_lens"),
-            block_tables=tables[jnp.maximum(seq_ids, 0)],
+            block_tables=seq_field("block_tables")[jnp.maximum(seq_ids, 0)],
             block_size=seq.block_size,
             pages_per_chunk=self.pages_per_chunk,
             token_block=self.token_block,
@@ -189,6 +184,5 @@ class StepLayout:
             query_tile=self.query_tile,
             query_tiles=field("query_tiles") if self.query_tile else None,
         )
-        logits_indices = _view(seq_section, seq.spans["logits_indices"])
-        forward = ForwardInputs(field("input_ids"), field("slot_mapping"), logits_indices, attn)
+        forward = ForwardInputs(field("input_ids"), field("slot_mapping"), seq_field("logits_indices"), attn)
         return StepInputs(forward, field("prev_rows"), seq_section)
