@@ -1,6 +1,8 @@
 """Paged KV-cache bookkeeping with prefix caching (vLLM V1 style).
 
 Full blocks are keyed by a chained xxhash of their tokens and checked against the stored token ids.
+As in vLLM, every block holding a hash stays findable: requests that computed one prefix apart (in one
+step, before either was cached) each keep a copy, and evicting one leaves the others hits.
 A block whose reference count drops to zero joins the free queue but keeps its hash, so it stays a
 cache hit until the queue hands it out again (least recently freed first). Blocks never used yet are
 handed out before any freed one, and exist as objects only from then on: the bookkeeping grows with
@@ -41,7 +43,8 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.blocks: list[Block] = []  # the blocks used so far; ids 0, 1, ... in order of first use
         self.free_queue: OrderedDict[int, None] = OrderedDict()  # used blocks with no reference
-        self.hash_to_block: dict[int, int] = {}
+        # hash -> the blocks holding it (a dict as an insertion-ordered set): lookups take the first
+        self.hash_to_blocks: dict[int, dict[int, None]] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -61,8 +64,9 @@ class BlockManager:
         for i in range((len(seq) - 1) // self.block_size):
             tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
             prev = chain_hash(prev, tokens)
-            block_id = self.hash_to_block.get(prev)
-            if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
+            tokens = tuple(tokens)
+            block_id = next((b for b in self.hash_to_blocks.get(prev, ()) if self.blocks[b].token_ids == tokens), None)
+            if block_id is None:
                 break
             hits.append(block_id)
         return hits
@@ -115,7 +119,7 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 block.hash, block.token_ids = h, tuple(tokens)
-                self.hash_to_block.setdefault(h, block.block_id)
+                self.hash_to_blocks.setdefault(h, {})[block.block_id] = None
 
     def free(self, seq: Sequence) -> None:
         # Tail blocks go first into the queue, so they are evicted before the shared prefix.
@@ -134,7 +138,7 @@ class BlockManager:
             return False
         for block in self.blocks:
             block.hash = block.token_ids = None
-        self.hash_to_block.clear()
+        self.hash_to_blocks.clear()
         return True
 
     def _take_free_block(self) -> int:
@@ -144,8 +148,11 @@ class BlockManager:
         else:
             block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
-        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
-            del self.hash_to_block[block.hash]
+        if block.hash is not None:
+            holders = self.hash_to_blocks[block.hash]
+            del holders[block_id]
+            if not holders:
+                del self.hash_to_blocks[block.hash]
         block.hash = block.token_ids = None
         block.ref_count = 1
         return block_id

@@ -37,9 +37,12 @@ def test_fully_cached_prompt_still_computes_its_last_block_token():
 def test_cache_hit_is_verified_against_stored_tokens(monkeypatch):
     monkeypatch.setattr(bm_module, "chain_hash", lambda prev, tokens: 42)  # every block collides
     bm = BlockManager(num_blocks=8, block_size=8)
-    run_prefill(bm, seq(0, list(range(17))))
+    a = seq(0, list(range(17)))
+    run_prefill(bm, a)
     assert bm.match_prefix(seq(1, list(range(100, 117)))) == []
-    assert len(bm.match_prefix(seq(2, list(range(17))))) == 1
+    # both blocks hold hash 42: each position takes the one whose tokens match
+    assert bm.match_prefix(seq(2, list(range(17)))) == a.block_table[:2]
+    assert bm.match_prefix(seq(3, list(range(8)) + list(range(100, 109)))) == a.block_table[:1]
 
 
 def test_freed_blocks_stay_cache_hits_until_reallocated():
@@ -138,3 +141,24 @@ def test_a_resumed_request_finding_its_own_blocks_is_no_prefix_hit():
     bm.admit(a, cached, 1)
     assert len(cached) == 2 and a.num_computed_tokens == 16
     assert a.num_cached_tokens == 0 and (bm.prefix_hit_tokens, bm.prefix_query_tokens) == (0, 17)
+
+
+def test_a_copy_of_a_cached_block_stays_a_hit_once_the_first_is_evicted():
+    """As in vLLM (its hash map holds every block of a hash): two requests with one prompt in one step
+    each compute their own copy of its blocks; evicting the copy found first leaves the other one a hit."""
+    bm = BlockManager(num_blocks=6, block_size=8)
+    a, b = seq(0, list(range(17))), seq(1, list(range(17)))
+    for s in (a, b):  # admitted together: neither finds the other's blocks yet
+        bm.admit(s, [], 17)
+    for s in (a, b):
+        s.num_computed_tokens = 17
+        bm.cache_full_blocks(s)
+    assert not set(a.block_table) & set(b.block_table)
+    b_copy = b.block_table[:2]
+    bm.free(a)
+    filler = seq(2, list(range(500, 524)))  # takes every free block, evicting a's copy
+    bm.admit(filler, [], 24)
+    assert bm.match_prefix(seq(3, list(range(17)))) == b_copy
+    bm.free(filler)
+    bm.free(b)  # freed last: still cached, and evicted only once the filler's blocks are gone
+    assert bm.match_prefix(seq(4, list(range(17)))) == b_copy

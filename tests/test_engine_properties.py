@@ -63,8 +63,9 @@ def test_batched_equals_alone_and_no_leaks(workload):
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
-    for h, block_id in bm.hash_to_block.items():
-        assert bm.blocks[block_id].hash == h
+    for h, holders in bm.hash_to_blocks.items():
+        assert holders and all(bm.blocks[block_id].hash == h for block_id in holders)
+    assert sum(map(len, bm.hash_to_blocks.values())) == sum(b.hash is not None for b in bm.blocks)
     assert not llm.engine.requests and not llm.engine.has_unfinished()
 
 
