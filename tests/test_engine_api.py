@@ -968,8 +968,8 @@ def test_dtype_objects_are_read_by_their_numpy_name():
     import ml_dtypes
 
     for dtype, name in ((np.dtype("float16"), "float16"), (np.float32, "float32"), (ml_dtypes.bfloat16, "bfloat16")):
-        assert type(LLM(backend="mock", dtype=dtype).config.dtype) is str
-        assert LLM(backend="mock", dtype=dtype).config.dtype == name
+        got = LLM(backend="mock", dtype=dtype).config.dtype
+        assert type(got) is str and got == name
     for bad in (np.float64, np.dtype("int8"), object(), 16):
         with pytest.raises(ValueError, match="dtype must be 'auto', 'float32', 'bfloat16' or 'float16'"):
             LLM(backend="mock", dtype=bad)
