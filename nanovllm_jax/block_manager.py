@@ -28,7 +28,7 @@ class Block:
         self.token_ids: tuple[int, ...] | None = None
 
 
-def chain_hash(prev_hash: int | None, token_ids: list[int]) -> int:
+def chain_hash(prev_hash: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
     h = xxhash.xxh3_64()
     if prev_hash is not None:
         h.update(prev_hash.to_bytes(8, "little"))
@@ -62,9 +62,8 @@ class BlockManager:
         hits: list[int] = []
         prev = None
         for i in range((len(seq) - 1) // self.block_size):
-            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             prev = chain_hash(prev, tokens)
-            tokens = tuple(tokens)
             block_id = next((b for b in self.hash_to_blocks.get(prev, ()) if self.blocks[b].token_ids == tokens), None)
             if block_id is None:
                 break
